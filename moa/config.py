@@ -47,6 +47,8 @@ class MoAConfig:
     """Folder for the model cache and the default local store."""
     store_path: Path | None = None
     """Chroma persistent store folder; defaults to `home/store`."""
+    model_cache: Path | None = None
+    """Folder of dequantized model weights; defaults to `home/models`."""
     chroma_url: str | None = None
     """URL of a Chroma server (`chroma run`); when set, `store_path` is not used."""
     adapters_dir: Path = REPO_ROOT / "adapters"
@@ -68,6 +70,7 @@ class MoAConfig:
         if self.store_path is None:
             self.store_path = self.home / "store"
         self.store_path = Path(self.store_path).expanduser()
+        self.model_cache = Path(self.model_cache or self.home / "models").expanduser()
         if self.retriever_head is not None:
             self.retriever_head = Path(self.retriever_head).expanduser()
         if self.device not in DEVICES:
@@ -80,7 +83,7 @@ class MoAConfig:
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.home / "models"
+        return self.model_cache
 
     @classmethod
     def load(cls, **overrides: Any) -> MoAConfig:
@@ -102,6 +105,7 @@ _ENVIRONMENT_VARIABLES = {
     "MOA_DEVICE": "device",
     "MOA_DTYPE": "dtype",
     "MOA_STORE": "store_path",
+    "MOA_MODEL_CACHE": "model_cache",
     "MOA_CHROMA_URL": "chroma_url",
     "MOA_ADAPTERS": "adapters_dir",
     "MOA_RETRIEVER_HEAD": "retriever_head",

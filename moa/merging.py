@@ -169,7 +169,9 @@ def combine(adapters: Sequence[LoRAWeights], weights: Sequence[float], method: s
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # dare's random pruning must be reproducible for a given request
     try:
-        modules = {name: _combine_module(entries, method, density, majority_sign_method)
+        # like PEFT, svd truncates every module to the largest rank among the adapters
+        svd_rank = max(module.rank for adapter in adapters for module in adapter.modules.values())
+        modules = {name: _combine_module(entries, method, density, majority_sign_method, svd_rank)
                    for name, entries in _entries_by_module(adapters, weights).items()}
     finally:
         torch.random.set_rng_state(generator_state)
@@ -186,7 +188,7 @@ def _entries_by_module(adapters: Sequence[LoRAWeights], weights: Sequence[float]
 
 
 def _combine_module(entries: list[tuple[LoRAModule, float]], method: str, density: float,
-                    majority_sign_method: str) -> LoRAModule:
+                    majority_sign_method: str, svd_rank: int) -> LoRAModule:
     dtype = entries[0][0].A.dtype
     if method == "cat":
         A = torch.cat([module.A * (weight * module.scaling) for module, weight in entries], dim=0)
@@ -194,9 +196,8 @@ def _combine_module(entries: list[tuple[LoRAModule, float]], method: str, densit
         return LoRAModule(A, B, 1.0)
     if method == "svd":
         delta = sum(weight * module.delta() for module, weight in entries)  # (out, in), float32
-        rank = max(module.rank for module, _ in entries)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        return LoRAModule(Vh[:rank].to(dtype), (U[:, :rank] * S[:rank]).to(dtype), 1.0)
+        return LoRAModule(Vh[:svd_rank].to(dtype), (U[:, :svd_rank] * S[:svd_rank]).to(dtype), 1.0)
 
     # PEFT puts sqrt(|w·s|) on each factor and the sign on A, then merges A's and B's separately.
     weights_a = torch.tensor([math.copysign(math.sqrt(abs(w * m.scaling)), w * m.scaling) for m, w in entries])

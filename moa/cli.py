@@ -1,0 +1,260 @@
+"""The `moa` command line: query, index, list, remove, build-corpus and train-experts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ERROR_METRICS, EXECUTION_PATHS, WEIGHTINGS, ConfigError, MoAConfig, RouteSettings
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit code 2."""
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models and store (defaults: moa.toml, then MOA_* variables)")
+    group.add_argument("--base-model", help="causal LM: hub id, folder, .gguf file, or 'default' (bundled SmolLM2)")
+    group.add_argument("--encoder", help="retriever encoder: hub id, folder, or 'default' (bundled all-MiniLM-L6-v2)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the models run (default auto)")
+    group.add_argument("--store", dest="store_path", help="Chroma store folder (default ~/.cache/moa/store)")
+    group.add_argument("--chroma-url", help="Chroma server URL, e.g. http://127.0.0.1:8000, instead of a local store")
+    group.add_argument("--adapters-dir", help="library indexed into an empty store on first use (default ./adapters)")
+    group.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+
+def _add_route_options(parser: argparse.ArgumentParser) -> None:
+    defaults = RouteSettings()
+    parser.add_argument("--reference", help="reference answer; the error becomes its per-token NLL")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="adapters retrieved in the first iteration")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="softmax temperature from similarity to merge weight (lower is sharper)")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting, help="similarity-to-weight rule")
+    parser.add_argument("--min-similarity", type=float, default=defaults.min_similarity,
+                        help="adapters below this cosine similarity are not used")
+    parser.add_argument("--threshold", type=float, default=defaults.threshold,
+                        help="mean per-token error (nats) below which the answer is accepted")
+    parser.add_argument("--max-iterations", type=int, default=defaults.max_iterations, help="refinement rounds at most")
+    parser.add_argument("--merge", dest="merge_method", default=defaults.merge_method,
+                        help="merge method: exact (default), cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune")
+    parser.add_argument("--strategy", default=defaults.strategy, help="refinement: widen, reweight, drop, requery, chain")
+    parser.add_argument("--metric", dest="error_metric", choices=ERROR_METRICS + ("auto",), default=defaults.error_metric,
+                        help="per-token error (auto: nll with --reference, else surprisal)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens generated per iteration")
+    parser.add_argument("--sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
+    parser.add_argument("--path", dest="execution_path", choices=EXECUTION_PATHS, default=defaults.execution_path,
+                        help="unmerged (LoRA beside the weights), merged (into the weights) or auto")
+    parser.add_argument("--untrained", action="store_true", help="retrieve with the plain encoder, not the trained head")
+    parser.add_argument("--json", action="store_true", help="print the whole trace as one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moa", description="Mixture of Adapters: route a language model through a "
+                                                             "library of LoRA adapters.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    query = commands.add_parser("query", help="answer a query through the retrieve-merge-refine loop")
+    query.add_argument("query", help="the question or instruction")
+    _add_route_options(query)
+    _add_global_options(query)
+
+    index = commands.add_parser("index", help="make the store match a folder of PEFT adapter folders")
+    index.add_argument("folder", help="folder whose sub-folders are PEFT LoRA adapters")
+    index.add_argument("--skip-invalid", action="store_true", help="register the valid adapters and skip rejected ones")
+    _add_global_options(index)
+
+    listing = commands.add_parser("list", help="list registered adapters")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    _add_global_options(listing)
+
+    remove = commands.add_parser("remove", help="unregister adapters (their folders are kept)")
+    remove.add_argument("ids", nargs="+", metavar="ID", help="adapter id as shown by `moa list`")
+    _add_global_options(remove)
+
+    corpus = commands.add_parser("build-corpus", help="build the WordNet + FreeDict training corpus")
+    corpus.add_argument("--out", default="data/corpus", help="output folder (default data/corpus)")
+    corpus.add_argument("--max-terms", type=int, default=1500, help="terms per segment at most")
+    corpus.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+    experts = commands.add_parser("train-experts", help="train one LoRA expert per corpus segment (resumable)")
+    experts.add_argument("--corpus", default="data/corpus", help="corpus folder from build-corpus, or a JSONL file")
+    experts.add_argument("--out", default="adapters", help="where expert folders are written (default adapters)")
+    experts.add_argument("--runs", default="runs", help="checkpoints and loss logs (default runs)")
+    experts.add_argument("--segments", default="label",
+                         help="'label' (one expert per label) or K for balanced k-means into K segments")
+    experts.add_argument("--domains", nargs="*", help="labels to train, in order (default: the 18 library domains)")
+    experts.add_argument("--steps", type=int, default=80, help="optimizer steps per expert")
+    experts.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    experts.add_argument("--learning-rate", type=float, default=2e-3, help="peak AdamW learning rate")
+    experts.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    experts.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    experts.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                         help="Linear modules that get a LoRA")
+    _add_global_options(experts)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> MoAConfig:
+    return MoAConfig.load(**{name: getattr(args, name, None) for name in
+                             ("base_model", "encoder", "device", "store_path", "chroma_url", "adapters_dir")})
+
+
+def _settings(args: argparse.Namespace) -> RouteSettings:
+    names = ("top_k", "temperature", "weighting", "min_similarity", "threshold", "max_iterations", "merge_method",
+             "strategy", "error_metric", "max_new_tokens", "do_sample", "seed", "execution_path")
+    return RouteSettings(**{name: getattr(args, name) for name in names}, use_trained_retriever=not args.untrained)
+
+
+def run_query(args: argparse.Namespace) -> None:
+    from .engine import MoA
+
+    settings = _settings(args)  # check the options before loading any model
+    engine = MoA.from_config(_config(args))
+    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    if stream:
+        print("Generating: ", end="", flush=True)
+    trace = engine.route(args.query, settings, reference=args.reference, on_token=stream)
+    if args.json:
+        print(json.dumps(trace.to_dict(), ensure_ascii=False))
+        return
+    print("\n")
+    print_trace(trace)
+
+
+def print_trace(trace) -> None:
+    for iteration in trace.iterations:
+        marker = " (final)" if iteration.index == trace.final_iteration else ""
+        print(f"Iteration {iteration.index + 1}{marker}: mean {iteration.error_metric} {iteration.mean_error:.3f} "
+              f"[threshold {iteration.threshold:.3f}] -> {iteration.decision}: {iteration.reason}")
+        if not iteration.adapters:
+            print("    no adapter: base model alone")
+        for rank, adapter in enumerate(iteration.adapters, start=1):
+            contribution = "" if adapter.contribution is None else f"  contribution {adapter.contribution:+.4f}"
+            print(f"    {rank}. {adapter.id:<16} {adapter.domain:<12} similarity {adapter.similarity:.3f}  "
+                  f"weight {adapter.weight:.3f}{contribution}")
+        print(f"    answer: {iteration.answer}")
+    print(f"\nAnswer: {trace.final_answer}\nStopped because: {trace.stopped_because}")
+
+
+def run_index(args: argparse.Namespace) -> None:
+    from .engine import MoA
+
+    engine = MoA.from_config(_config(args), index_default_library=False)
+    report = engine.index(Path(args.folder), skip_invalid=args.skip_invalid)
+    print(f"added {len(report.added)}, updated {len(report.updated)}, removed {len(report.removed)}, "
+          f"unchanged {len(report.unchanged)}")
+    for label, ids in (("added", report.added), ("updated", report.updated), ("removed", report.removed)):
+        if ids:
+            print(f"  {label}: {', '.join(ids)}")
+
+
+def _open_store(args: argparse.Namespace):
+    """Open the store without loading the base model: ids come from the resolved model and encoder names."""
+    from .encoder import resolve_encoder
+    from .models import resolve_model_source
+    from .store import AdapterStore
+
+    config = _config(args)
+    model_id = resolve_model_source(config.base_model).model_id
+    encoder_id, _ = resolve_encoder(config.encoder)
+    return AdapterStore.open(model_id, encoder_id, config.store_path, config.chroma_url)
+
+
+def run_list(args: argparse.Namespace) -> None:
+    records = _open_store(args).adapters()
+    if args.json:
+        print(json.dumps([record.__dict__ for record in records.values()], ensure_ascii=False))
+        return
+    if not records:
+        print("No adapters registered. Run `moa index FOLDER`, or `moa query` to index the default library.")
+        return
+    print(f"{'id':<20} {'domain':<12} {'rank':>4} {'alpha':>6}  description")
+    for record in records.values():
+        print(f"{record.adapter_id:<20} {record.domain:<12} {record.rank:>4} {record.alpha:>6g}  {record.description[:60]}")
+
+
+def run_remove(args: argparse.Namespace) -> None:
+    _open_store(args).remove(args.ids)
+    print(f"removed {', '.join(args.ids)}")
+
+
+def run_build_corpus(args: argparse.Namespace) -> None:
+    from .corpus import build_corpus
+
+    paths = build_corpus(args.out, max_terms_per_segment=args.max_terms)
+    stats = json.loads(Path(paths["stats"]).read_text()) if "stats" in paths else {}
+    print(json.dumps(stats, indent=1) if stats else "\n".join(str(p) for p in paths.values()))
+
+
+def run_train_experts(args: argparse.Namespace) -> None:
+    from .encoder import Encoder
+    from .experts import LIBRARY_DOMAINS, kmeans_segments, label_segments, load_splits, train_library
+    from .models import load_base_model
+    from .training import TrainingConfig
+
+    config = _config(args)
+    training = TrainingConfig(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules),
+                              steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size)
+    splits = load_splits(Path(args.corpus))
+    base = load_base_model(config.base_model, config.device, config.dtype, config.model_cache_dir)
+    encoder = Encoder(config.encoder, device=base.device)
+    if args.segments == "label":
+        segments = label_segments(splits, args.domains or LIBRARY_DOMAINS)
+    else:
+        try:
+            k = int(args.segments)
+        except ValueError:
+            raise CommandError(f"--segments must be 'label' or a number of clusters, got {args.segments!r}.") from None
+        segments = kmeans_segments(splits, k, encoder)
+    results = train_library(base, encoder, segments, Path(args.out), Path(args.runs), training)
+    for result in results:
+        status = "skipped (already trained)" if result.skipped else "trained"
+        print(f"{result.name:<24} {status:<26} validation NLL {result.validation_nll_before:.3f} -> "
+              f"{result.validation_nll_after:.3f}")
+
+
+COMMANDS = {
+    "query": run_query,
+    "index": run_index,
+    "list": run_list,
+    "remove": run_remove,
+    "build-corpus": run_build_corpus,
+    "train-experts": run_train_experts,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .adapters import InvalidAdapterError
+    from .engine import QueryError
+    from .generation import PromptTooLongError
+    from .indexing import IndexingError
+    from .models import ModelLoadError
+    from .store import StoreError
+
+    user_errors = (CommandError, ConfigError, QueryError, PromptTooLongError, InvalidAdapterError, IndexingError,
+                   StoreError, ModelLoadError, FileNotFoundError, KeyError, ValueError)
+    try:
+        COMMANDS[args.command](args)
+    except user_errors as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        message = " ".join(line.strip() for line in str(message).splitlines())
+        print(f"moa {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The segmented fine-tuning pipeline: corpus → segments (by label or k-means) → one LoRA expert each."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .corpus import Example, load_jsonl, source_licence
+from .encoder import Encoder
+from .models import BaseModel
+from .training import ExpertResult, Segment, TrainingConfig, train_expert
+
+logger = logging.getLogger(__name__)
+
+KNOWLEDGE_DOMAINS = ("plants", "animals", "medicine", "chemistry", "food", "law", "music", "computing", "sport",
+                     "military", "geography", "mathematics", "physics", "religion", "economics")
+TRANSLATION_DOMAINS = ("french", "spanish", "german")
+LIBRARY_DOMAINS = KNOWLEDGE_DOMAINS + TRANSLATION_DOMAINS
+
+
+def load_splits(corpus_dir: Path) -> dict[str, list[Example]]:
+    """Read train.jsonl, validation.jsonl and test.jsonl from a corpus folder."""
+    corpus_dir = Path(corpus_dir)
+    missing = [name for name in ("train", "validation") if not (corpus_dir / f"{name}.jsonl").is_file()]
+    if missing:
+        raise FileNotFoundError(f"Corpus folder {corpus_dir} lacks {', '.join(m + '.jsonl' for m in missing)}; "
+                                "build it with `moa build-corpus` (or `make data`).")
+    return {name: load_jsonl(corpus_dir / f"{name}.jsonl") for name in ("train", "validation", "test")
+            if (corpus_dir / f"{name}.jsonl").is_file()}
+
+
+def _describe(texts: list[str], labels: torch.Tensor):
+    from .segmentation import describe_segments
+
+    return describe_segments(texts, labels)
+
+
+def _licences(examples: Sequence[Example]) -> tuple[str, str]:
+    sources = sorted({example.source for example in examples})
+    licences = []
+    for source in sources:
+        try:
+            licences.append(f"{source}: {source_licence(source)}")
+        except KeyError:
+            licences.append(f"{source}: see the source's own terms")
+    return ", ".join(sources), "; ".join(licences)
+
+
+def label_segments(splits: dict[str, list[Example]], domains: Sequence[str] | None = None) -> list[Segment]:
+    """One segment per label, named after the label; `domains` keeps only those labels, in that order."""
+    by_label: dict[str, dict[str, list[Example]]] = defaultdict(lambda: defaultdict(list))
+    for split, examples in splits.items():
+        for example in examples:
+            if example.segment:
+                by_label[example.segment][split].append(example)
+    wanted = list(domains) if domains else sorted(by_label)
+    unknown = [label for label in wanted if label not in by_label]
+    if unknown:
+        raise ValueError(f"No examples labelled {unknown}; the corpus has labels {sorted(by_label)}.")
+
+    segments = []
+    for label in wanted:
+        train = by_label[label]["train"]
+        info = _describe([e.term for e in train], torch.zeros(len(train), dtype=torch.long))[0]
+        source, licence = _licences(train)
+        segments.append(Segment(label, label, f"{label}: {info.description}", train,
+                                by_label[label]["validation"], source, licence, list(info.top_terms)))
+    return segments
+
+
+def kmeans_segments(splits: dict[str, list[Example]], num_segments: int, encoder: Encoder, seed: int = 0,
+                    prefix: str = "cluster") -> list[Segment]:
+    """Split the training prompts into `num_segments` balanced k-means clusters of their embeddings.
+
+    Validation examples go to the cluster whose centroid is nearest, so each expert is evaluated
+    on data from its own region of embedding space.
+    """
+    from .segmentation import balanced_kmeans
+
+    train, validation = splits["train"], splits.get("validation", [])
+    embeddings = encoder.encode([e.prompt for e in train])
+    labels = balanced_kmeans(embeddings, num_segments, seed=seed)
+    centroids = torch.nn.functional.normalize(
+        torch.stack([embeddings[labels == k].mean(0) for k in range(num_segments)]), dim=-1)
+    validation_labels = (encoder.encode([e.prompt for e in validation]) @ centroids.T).argmax(-1) if validation else torch.empty(0)
+    infos = _describe([e.term for e in train], labels)
+
+    segments = []
+    for k, info in enumerate(infos):
+        members = [e for e, label in zip(train, labels.tolist()) if label == k]
+        held_out = [e for e, label in zip(validation, validation_labels.tolist()) if label == k]
+        domains = defaultdict(int)
+        for example in members:
+            domains[example.segment or "?"] += 1
+        majority = max(domains, key=domains.get)
+        source, licence = _licences(members)
+        name = f"{prefix}-{info.name}" if not info.name.startswith(prefix) else info.name
+        segments.append(Segment(name, majority, info.description, members, held_out, source, licence,
+                                list(info.top_terms)))
+    return segments
+
+
+def train_library(base: BaseModel, encoder: Encoder, segments: Sequence[Segment], adapters_dir: Path,
+                  runs_dir: Path, config: TrainingConfig) -> list[ExpertResult]:
+    """Train every segment's expert in order; finished experts are skipped, so a rerun resumes."""
+    results = []
+    for number, segment in enumerate(segments, start=1):
+        logger.info("Expert %d/%d: %s (%d training pairs)", number, len(segments), segment.name, len(segment.train))
+        results.append(train_expert(base, segment, Path(adapters_dir), Path(runs_dir), config, encoder))
+    return results
