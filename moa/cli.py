@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--segments", default="label",
                          help="'label' (one expert per label) or K for balanced k-means into K segments")
     experts.add_argument("--domains", nargs="*", help="labels to train, in order (default: the 18 library domains)")
-    experts.add_argument("--steps", type=int, default=80, help="optimizer steps per expert")
+    experts.add_argument("--steps", type=int, default=48, help="optimizer steps per expert")
     experts.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     experts.add_argument("--learning-rate", type=float, default=2e-3, help="peak AdamW learning rate")
     experts.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
                          help="Linear modules that get a LoRA")
     _add_global_options(experts)
+
+    report = commands.add_parser("library-report", help="measure the library's adapter x domain NLL matrix and routing")
+    report.add_argument("--corpus", default="data/corpus", help="corpus folder from build-corpus")
+    report.add_argument("--per-domain", type=int, default=24, help="held-out pairs per domain")
+    report.add_argument("--compare", help="a second library folder (e.g. the k-means experts) to compare with")
+    report.add_argument("--out", default="docs/library_report.json", help="JSON file with every number")
+    report.add_argument("--heatmap", default="assets/library_heatmap.png", help="PNG heatmap of the NLL gains")
+    _add_global_options(report)
     return parser
 
 
@@ -207,7 +215,7 @@ def run_train_experts(args: argparse.Namespace) -> None:
     base = load_base_model(config.base_model, config.device, config.dtype, config.model_cache_dir)
     encoder = Encoder(config.encoder, device=base.device)
     if args.segments == "label":
-        segments = label_segments(splits, args.domains or LIBRARY_DOMAINS)
+        segments = label_segments(splits, encoder, args.domains or LIBRARY_DOMAINS)
     else:
         try:
             k = int(args.segments)
@@ -221,7 +229,49 @@ def run_train_experts(args: argparse.Namespace) -> None:
               f"{result.validation_nll_after:.3f}")
 
 
+def run_library_report(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from .engine import MoA
+    from .experts import load_splits
+    from .specialisation import (library_checks_markdown, matrix_markdown, nll_matrix, open_library_store,
+                                 routing_scores, sample_by_domain, save_heatmap)
+
+    engine = MoA.from_config(_config(args))
+    splits = load_splits(Path(args.corpus))
+    validation = sample_by_domain(splits["validation"], args.per_domain)
+    test = sample_by_domain(splits["test"], args.per_domain, seed=1)
+    records = engine.store.adapters()
+    matrix = nll_matrix(engine, list(records), validation)
+    checks = matrix.specialisation_checks({adapter_id: record.domain for adapter_id, record in records.items()})
+    save_heatmap(matrix, Path(args.heatmap), "Label library: NLL gain per adapter and domain")
+    routing = routing_scores(engine, engine.store, test, use_trained=False)
+    result = {"matrix": matrix.__dict__, "checks": checks, "routing": routing.__dict__}
+    print(matrix_markdown(matrix), "\n")
+    print(library_checks_markdown(checks), "\n")
+    print(json.dumps(routing.__dict__, indent=1))
+
+    if args.compare:
+        with tempfile.TemporaryDirectory() as scratch:
+            store = open_library_store(engine, Path(args.compare), Path(scratch) / "store")
+            compare_records = store.adapters()
+            compare_matrix = nll_matrix(engine, list(compare_records), validation, store)
+            compare_checks = compare_matrix.specialisation_checks(
+                {adapter_id: record.domain for adapter_id, record in compare_records.items()})
+            compare_routing = routing_scores(engine, store, test, use_trained=False)
+            save_heatmap(compare_matrix, Path(args.heatmap).with_name("library_heatmap_kmeans.png"),
+                         "k-means library: NLL gain per adapter and domain")
+        result["compare"] = {"folder": args.compare, "matrix": compare_matrix.__dict__, "checks": compare_checks,
+                             "routing": compare_routing.__dict__,
+                             "domains": {k: r.domain for k, r in compare_records.items()},
+                             "descriptions": {k: r.description for k, r in compare_records.items()}}
+        print(json.dumps(compare_routing.__dict__, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
 COMMANDS = {
+    "library-report": run_library_report,
     "query": run_query,
     "index": run_index,
     "list": run_list,

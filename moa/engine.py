@@ -309,10 +309,14 @@ class MoA:
                             on_token, stop_event)
 
     @torch.inference_mode()
-    def reference_nll(self, query: str, reference: str, mixes: Sequence[dict[str, float]]) -> torch.Tensor:
-        """Mean NLL of `reference` under each mix (adapter id -> weight) in one batched pass. -> (num_mixes,)."""
+    def reference_nll(self, query: str, reference: str, mixes: Sequence[dict[str, float]],
+                      store: AdapterStore | None = None) -> torch.Tensor:
+        """Mean NLL of `reference` under each mix (adapter id -> weight) in one batched pass. -> (num_mixes,).
+
+        `store` names the adapters' store when it is not this engine's own (e.g. a second library).
+        """
         ids = sorted({adapter_id for mix in mixes for adapter_id in mix})
-        registered = self.store.adapters()
+        registered = (store or self.store).adapters()
         missing = [adapter_id for adapter_id in ids if adapter_id not in registered]
         if missing:
             raise KeyError(f"Not registered: {', '.join(missing)}.")

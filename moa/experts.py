@@ -33,10 +33,15 @@ def load_splits(corpus_dir: Path) -> dict[str, list[Example]]:
             if (corpus_dir / f"{name}.jsonl").is_file()}
 
 
-def _describe(texts: list[str], labels: torch.Tensor):
-    from .segmentation import describe_segments
-
-    return describe_segments(texts, labels)
+def typical_terms(examples: Sequence[Example], encoder: Encoder, count: int = 6, max_terms: int = 2000) -> list[str]:
+    """Return the segment's terms whose embeddings lie nearest the segment's centroid."""
+    terms = sorted({example.term for example in examples})[:max_terms]
+    if not terms:
+        return []
+    embeddings = encoder.encode(terms)
+    centroid = torch.nn.functional.normalize(embeddings.mean(0), dim=0)
+    order = (embeddings @ centroid).argsort(descending=True)
+    return [terms[i] for i in order[:count].tolist()]
 
 
 def _licences(examples: Sequence[Example]) -> tuple[str, str]:
@@ -45,12 +50,13 @@ def _licences(examples: Sequence[Example]) -> tuple[str, str]:
     for source in sources:
         try:
             licences.append(f"{source}: {source_licence(source)}")
-        except KeyError:
+        except ValueError:  # a user corpus: no licence is recorded for it
             licences.append(f"{source}: see the source's own terms")
     return ", ".join(sources), "; ".join(licences)
 
 
-def label_segments(splits: dict[str, list[Example]], domains: Sequence[str] | None = None) -> list[Segment]:
+def label_segments(splits: dict[str, list[Example]], encoder: Encoder,
+                   domains: Sequence[str] | None = None) -> list[Segment]:
     """One segment per label, named after the label; `domains` keeps only those labels, in that order."""
     by_label: dict[str, dict[str, list[Example]]] = defaultdict(lambda: defaultdict(list))
     for split, examples in splits.items():
@@ -65,10 +71,10 @@ def label_segments(splits: dict[str, list[Example]], domains: Sequence[str] | No
     segments = []
     for label in wanted:
         train = by_label[label]["train"]
-        info = _describe([e.term for e in train], torch.zeros(len(train), dtype=torch.long))[0]
+        terms = typical_terms(train, encoder)
         source, licence = _licences(train)
-        segments.append(Segment(label, label, f"{label}: {info.description}", train,
-                                by_label[label]["validation"], source, licence, list(info.top_terms)))
+        segments.append(Segment(label, label, f"{label}: {', '.join(terms)}", train,
+                                by_label[label]["validation"], source, licence, terms))
     return segments
 
 
@@ -79,7 +85,7 @@ def kmeans_segments(splits: dict[str, list[Example]], num_segments: int, encoder
     Validation examples go to the cluster whose centroid is nearest, so each expert is evaluated
     on data from its own region of embedding space.
     """
-    from .segmentation import balanced_kmeans
+    from .segmentation import balanced_kmeans, describe_segments
 
     train, validation = splits["train"], splits.get("validation", [])
     embeddings = encoder.encode([e.prompt for e in train])
@@ -87,7 +93,7 @@ def kmeans_segments(splits: dict[str, list[Example]], num_segments: int, encoder
     centroids = torch.nn.functional.normalize(
         torch.stack([embeddings[labels == k].mean(0) for k in range(num_segments)]), dim=-1)
     validation_labels = (encoder.encode([e.prompt for e in validation]) @ centroids.T).argmax(-1) if validation else torch.empty(0)
-    infos = _describe([e.term for e in train], labels)
+    infos = describe_segments([e.term for e in train], labels)
 
     segments = []
     for k, info in enumerate(infos):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from .error import surprisal_and_entropy
 
 TokenCallback = Callable[[str], None]
+
+# transformers 5.25 renamed the forward argument `past_key_values` to `cache`; the old name is
+# deprecated there and removed in 5.40.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 class PromptTooLongError(ValueError):
@@ -96,7 +101,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_
     stopped = False
 
     for _ in range(max_new_tokens):
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1]  # (V,)
+        logits = model(input_ids=input_ids, **{CACHE_ARGUMENT: cache}, use_cache=True).logits[0, -1]  # (V,)
         token = _next_token(logits.cpu() if generator is not None else logits, do_sample, temperature, top_p,
                             generator).to(device)
         surprisal, entropy = surprisal_and_entropy(logits, token)

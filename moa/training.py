@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .adapters import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, save_keys
@@ -45,7 +45,7 @@ class TrainingConfig:
     """LoRA alpha; the update is scaled by alpha / r."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     """Short names of the Linear modules that get a LoRA."""
-    steps: int = 80
+    steps: int = 48
     """Optimizer steps per expert."""
     learning_rate: float = 2e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay)."""
@@ -270,6 +270,9 @@ def _write_expert(folder: Path, segment: Segment, state: dict[str, torch.Tensor]
         if (run_dir / LOSS_LOG_FILE).is_file():
             shutil.copy(run_dir / LOSS_LOG_FILE, staging / LOSS_LOG_FILE)
         (staging / "README.md").write_text(model_card(metadata, base.model_id))
+        staging.chmod(0o755)  # mkdtemp creates 0700; the library is meant to be shared
+        for path in staging.iterdir():
+            path.chmod(0o644)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
@@ -304,6 +307,3 @@ segment of the MoA demo corpus. It is meant to be retrieved and merged by Mixtur
 Sample queries: {'; '.join(metadata['sample_queries'][:4])}
 """
 
-
-def load_segment_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / WEIGHTS_FILE))

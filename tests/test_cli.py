@@ -1,0 +1,86 @@
+"""The `moa` command line: exit codes, messages, and index/list/remove against a local store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SHARED_MODEL_CACHE
+from moa.cli import build_parser, main
+
+
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MOA_MODEL_CACHE", str(SHARED_MODEL_CACHE))
+    monkeypatch.setenv("MOA_ADAPTERS", str(tmp_path / "no-library"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["query", "index", "list", "remove", "build-corpus", "train-experts"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: moa" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["query", "What is moss?", "--top-k", "0"], "top_k must be an integer in [1, 64], got 0"),
+    (["query", "What is moss?", "--threshold", "-1"], "threshold must be >= 0"),
+    (["query", "What is moss?", "--temperature", "0"], "temperature must be > 0"),
+    (["train-experts", "--corpus", "missing-corpus"], "lacks train.jsonl"),
+])
+def test_bad_input_exits_2_with_one_line(cli_env, capsys, argv, message):
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error
+    assert len(error.splitlines()) == 1
+
+
+def test_unknown_option_exits_2(cli_env):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", "x", "--no-such-option"])
+    assert exit_info.value.code == 2
+
+
+def test_list_empty_store(cli_env, capsys):
+    assert main(["list"]) == 0
+    assert "No adapters registered" in capsys.readouterr().out
+
+
+def test_remove_unknown_adapter(cli_env, capsys):
+    assert main(["remove", "ghost"]) == 2
+    assert "Not registered: ghost" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_index_list_remove_round_trip(cli_env, tmp_path, capsys):
+    """Index shipped-format adapters with the real default model, then list and remove them."""
+    from pathlib import Path
+
+    library = Path(__file__).resolve().parent.parent / "adapters"
+    if not any(library.glob("*/adapter_config.json")):
+        pytest.skip("adapters/ holds no adapters yet")
+    assert main(["index", str(library)]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("added ")
+    assert main(["index", str(library)]) == 0
+    assert "added 0, updated 0, removed 0" in capsys.readouterr().out
+    assert main(["list", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    victim = records[0]["adapter_id"]
+    assert main(["remove", victim]) == 0
+    assert main(["list", "--json"]) == 0
+    assert victim not in {r["adapter_id"] for r in json.loads(capsys.readouterr().out)}
+
+
+def test_module_entry_point_runs(cli_env):
+    result = subprocess.run([sys.executable, "-m", "moa.cli", "list"], capture_output=True, text=True,
+                            env={**os.environ}, timeout=120)
+    assert result.returncode == 0, result.stderr
