@@ -107,6 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="docs/library_report.json", help="JSON file with every number")
     report.add_argument("--heatmap", default="assets/library_heatmap.png", help="PNG heatmap of the NLL gains")
     _add_global_options(report)
+
+    evaluate = commands.add_parser("eval", help="compare routing with base, uniform, random and oracle mixes")
+    evaluate.add_argument("--queries", help="JSONL of {\"query\", \"reference\", \"domains\"?} (default: the corpus test split)")
+    evaluate.add_argument("--corpus", default="data/corpus", help="corpus folder whose test split is used by default")
+    evaluate.add_argument("--per-domain", type=int, default=8, help="test queries per domain when --queries is not given")
+    evaluate.add_argument("--configs", nargs="+", default=None,
+                          help="configurations to run (default all): base uniform random top1 topk topk_refine oracle "
+                               "topk_untrained")
+    evaluate.add_argument("--top-k", type=int, default=3, help="k for random, topk and topk_refine")
+    evaluate.add_argument("--threshold", type=float, default=2.0, help="topk_refine: mean reference NLL to accept")
+    evaluate.add_argument("--max-iterations", type=int, default=3, help="topk_refine: refinement rounds at most")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="topk_refine: tokens generated per round")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
+    _add_global_options(evaluate)
+
+    bench = commands.add_parser("bench", help="measure each stage's latency beside plain generation")
+    bench.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
+    bench.add_argument("--tokens", type=int, default=64, help="generation length for tokens/s")
+    bench.add_argument("--chroma-sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000],
+                       help="synthetic key counts for the Chroma latency")
+    bench.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown file to write ('-' prints it)")
+    _add_global_options(bench)
     return parser
 
 
@@ -270,7 +292,53 @@ def run_library_report(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    from .engine import MoA
+    from .evaluation import CONFIGS, load_queries, markdown_table, run_eval as evaluate, sample_test_queries
+
+    settings = RouteSettings(top_k=args.top_k, threshold=args.threshold, max_iterations=args.max_iterations,
+                             max_new_tokens=args.max_new_tokens)
+    queries = load_queries(Path(args.queries)) if args.queries else sample_test_queries(Path(args.corpus),
+                                                                                       args.per_domain)
+    engine = MoA.from_config(_config(args))
+    result = evaluate(engine, queries, settings, args.configs or CONFIGS)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    print(f"{len(queries)} queries, {engine.store.count()} adapters, top_k {args.top_k}\n")
+    print(markdown_table(result["configs"]))
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from .benchmark import machine_description, markdown, run_bench as bench
+    from .engine import MoA
+
+    config = _config(args)
+    engine = MoA.from_config(config)
+    result = bench(engine, config, args.repeats, tuple(args.chroma_sizes), args.tokens)
+    command = "moa bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "moa bench"
+    text = markdown(result, command, machine_description(), args.repeats)
+    if args.out == "-":
+        print(text)
+        return
+    section = "GPU" if engine.base.device.type == "cuda" else "CPU"
+    write_section(Path(args.out), section, text)
+    print(text)
+
+
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replace the `## {section}` section of a Markdown file, keeping every other section."""
+    header = f"## {section}"
+    existing = path.read_text() if path.is_file() else "# Benchmarks\n"
+    parts = existing.split("\n## ")
+    kept = [parts[0].rstrip()] + ["## " + part.rstrip() for part in parts[1:] if not part.startswith(section + "\n")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(kept + [f"{header}\n\n{text}"]) + "\n")
+
+
 COMMANDS = {
+    "bench": run_bench,
+    "eval": run_eval,
     "library-report": run_library_report,
     "query": run_query,
     "index": run_index,

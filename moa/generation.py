@@ -82,11 +82,12 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
              max_new_tokens: int, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
              seed: int = 0, on_token: TokenCallback | None = None,
-             stop_event: threading.Event | None = None) -> Generation:
+             stop_event: threading.Event | None = None, stop_at_eos: bool = True) -> Generation:
     """Generate up to `max_new_tokens` after `prompt_ids`, calling `on_token` with each new piece of text.
 
     The end-of-turn token is kept and scored like any other token. `stop_event` ends the loop after
-    the current token, so a stopped request frees the model quickly.
+    the current token, so a stopped request frees the model quickly. `stop_at_eos=False` runs the
+    full `max_new_tokens` (for benchmarks).
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed) if do_sample else None
@@ -115,7 +116,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_
         pieces.append(piece)
         if on_token is not None and int(token) not in eos_ids:
             on_token(piece)
-        if int(token) in eos_ids:
+        if stop_at_eos and int(token) in eos_ids:
             break
         if stop_event is not None and stop_event.is_set():
             stopped = True
