@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--runs", default="runs", help="checkpoints and loss logs (default runs)")
     experts.add_argument("--segments", default="label",
                          help="'label' (one expert per label) or K for balanced k-means into K segments")
-    experts.add_argument("--domains", nargs="*", help="labels to train, in order (default: the 18 library domains)")
+    experts.add_argument("--domains", nargs="*", help="labels to train, in order (default: the 18 library domains); "
+                                                      "with --segments K, the labels whose pairs are clustered")
     experts.add_argument("--steps", type=int, default=48, help="optimizer steps per expert")
     experts.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     experts.add_argument("--learning-rate", type=float, default=2e-3, help="peak AdamW learning rate")
@@ -129,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="synthetic key counts for the Chroma latency")
     bench.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown file to write ('-' prints it)")
     _add_global_options(bench)
+
+    retriever = commands.add_parser("train-retriever", help="train the query side of the retriever from LM scores")
+    retriever.add_argument("--queries", help="JSONL of {\"query\", \"reference\", \"domains\"?} (default: corpus train split)")
+    retriever.add_argument("--corpus", default="data/corpus", help="corpus folder (train split for training, test for the report)")
+    retriever.add_argument("--per-domain", type=int, default=24, help="training queries per domain")
+    retriever.add_argument("--test-per-domain", type=int, default=8, help="test queries per domain for the report")
+    retriever.add_argument("--candidates", type=int, default=8, help="K adapters retrieved per query (>= 8)")
+    retriever.add_argument("--variants", nargs="+", default=["pdist", "loop", "emdr", "supervised"],
+                           help="objectives to train: pdist loop emdr supervised")
+    retriever.add_argument("--epochs", type=int, default=40, help="passes over the teacher-scored queries")
+    retriever.add_argument("--teacher-temperature", type=float, default=0.01, help="T_g of the target distribution")
+    retriever.add_argument("--retriever-temperature", type=float, default=0.01, help="T_s of the retriever distribution")
+    retriever.add_argument("--out", default=None, help="where the best head is saved (default retriever/query_head.safetensors)")
+    retriever.add_argument("--report", default="docs/retriever_report.json", help="JSON file with every number")
+    _add_global_options(retriever)
     return parser
 
 
@@ -243,7 +259,7 @@ def run_train_experts(args: argparse.Namespace) -> None:
             k = int(args.segments)
         except ValueError:
             raise CommandError(f"--segments must be 'label' or a number of clusters, got {args.segments!r}.") from None
-        segments = kmeans_segments(splits, k, encoder)
+        segments = kmeans_segments(splits, k, encoder, domains=args.domains)
     results = train_library(base, encoder, segments, Path(args.out), Path(args.runs), training)
     for result in results:
         status = "skipped (already trained)" if result.skipped else "trained"
@@ -336,7 +352,63 @@ def write_section(path: Path, section: str, text: str) -> None:
     path.write_text("\n\n".join(kept + [f"{header}\n\n{text}"]) + "\n")
 
 
+def run_train_retriever(args: argparse.Namespace) -> None:
+    import random
+
+    from .corpus import Example
+    from .engine import MoA
+    from .evaluation import load_queries
+    from .experts import load_splits
+    from .retriever_training import (DEFAULT_HEAD_PATH, KeyTable, TrainingSettings, evaluate_heads, save_curves,
+                                     teacher_examples, train_head)
+    from .specialisation import sample_by_domain
+
+    if args.candidates < 8:
+        raise CommandError(f"--candidates must be at least 8, got {args.candidates}.")
+    engine = MoA.from_config(_config(args))
+    engine.query_head = None  # teacher candidates and the baseline come from the untrained encoder
+    splits = load_splits(Path(args.corpus))
+    if args.queries:
+        train = [Example(q.query, q.reference, (q.domains or [None])[0]) for q in load_queries(Path(args.queries))]
+    else:
+        train = [e for examples in sample_by_domain(splits["train"], args.per_domain).values() for e in examples]
+    random.Random(0).shuffle(train)
+    test = [e for examples in sample_by_domain(splits["test"], args.test_per_domain, seed=1).values() for e in examples]
+
+    scored = teacher_examples(engine, train, args.candidates)
+    cut = max(1, len(scored) // 10)
+    validation, training = scored[:cut], scored[cut:]
+    table = KeyTable.from_store(engine.store)
+    domain_of = {adapter_id: record.domain for adapter_id, record in engine.store.adapters().items()}
+    heads, curves = {"untrained": None}, []
+    for variant in args.variants:
+        settings = TrainingSettings(variant=variant, epochs=args.epochs, teacher_temperature=args.teacher_temperature,
+                                    retriever_temperature=args.retriever_temperature)
+        head, curve = train_head(training, table, domain_of, engine.encoder.encoder_id, settings, validation)
+        heads[variant] = head
+        curves.append(curve)
+    lm_variants = [c for c in curves if c.variant != "supervised"]
+    chosen = max(lm_variants or curves, key=lambda c: c.validation_accuracy[-1]).variant
+    reports = evaluate_heads(engine, heads, test, table, domain_of)
+
+    out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
+    heads[chosen].save(out)
+    save_curves(curves, Path("assets/retriever_curves.png"))
+    result = {"chosen": chosen, "saved_to": str(out), "train_queries": len(training), "validation_queries": len(validation),
+              "test_queries": len(test), "candidates": args.candidates,
+              "curves": {c.variant: {"loss": c.loss, "validation_acc@1": c.validation_accuracy} for c in curves},
+              "test": {name: report.__dict__ for name, report in reports.items()}}
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(json.dumps(result, indent=1) + "\n")
+    for name, report in reports.items():
+        print(f"{name:<11} acc@1 {report.routing['acc@1']:.3f}  acc@3 {report.routing['acc@3']:.3f}  "
+              f"MRR {report.routing['mrr']:.3f}  without-own acc@1 {report.without_own_expert['acc@1']:.3f}  "
+              f"merged NLL {report.merged_nll:.3f}")
+    print(f"saved the {chosen} head to {out}")
+
+
 COMMANDS = {
+    "train-retriever": run_train_retriever,
     "bench": run_bench,
     "eval": run_eval,
     "library-report": run_library_report,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ def load_splits(corpus_dir: Path) -> dict[str, list[Example]]:
             if (corpus_dir / f"{name}.jsonl").is_file()}
 
 
-def typical_terms(examples: Sequence[Example], encoder: Encoder, count: int = 6, max_terms: int = 2000) -> list[str]:
+def central_terms(examples: Sequence[Example], encoder: Encoder, count: int = 6, max_terms: int = 2000) -> list[str]:
     """Return the segment's terms whose embeddings lie nearest the segment's centroid."""
     terms = sorted({example.term for example in examples})[:max_terms]
     if not terms:
@@ -71,7 +72,7 @@ def label_segments(splits: dict[str, list[Example]], encoder: Encoder,
     segments = []
     for label in wanted:
         train = by_label[label]["train"]
-        terms = typical_terms(train, encoder)
+        terms = central_terms(train, encoder)
         source, licence = _licences(train)
         segments.append(Segment(label, label, f"{label}: {', '.join(terms)}", train,
                                 by_label[label]["validation"], source, licence, terms))
@@ -79,15 +80,23 @@ def label_segments(splits: dict[str, list[Example]], encoder: Encoder,
 
 
 def kmeans_segments(splits: dict[str, list[Example]], num_segments: int, encoder: Encoder, seed: int = 0,
-                    prefix: str = "cluster") -> list[Segment]:
+                    prefix: str = "cluster", domains: Sequence[str] | None = None,
+                    max_examples: int = 8000) -> list[Segment]:
     """Split the training prompts into `num_segments` balanced k-means clusters of their embeddings.
 
-    Validation examples go to the cluster whose centroid is nearest, so each expert is evaluated
-    on data from its own region of embedding space.
+    `domains` keeps only pairs with those labels (e.g. the knowledge domains). At most
+    `max_examples` training pairs are clustered, a deterministic sample, because an expert sees only
+    steps × batch size pairs anyway. Validation examples go to the cluster whose centroid is
+    nearest, so each expert is evaluated on data from its own region of embedding space.
     """
     from .segmentation import balanced_kmeans, describe_segments
 
-    train, validation = splits["train"], splits.get("validation", [])
+    def keep(examples: list[Example]) -> list[Example]:
+        return [e for e in examples if not domains or e.segment in domains]
+
+    train, validation = keep(splits["train"]), keep(splits.get("validation", []))
+    if len(train) > max_examples:
+        train = random.Random(seed).sample(train, max_examples)
     embeddings = encoder.encode([e.prompt for e in train])
     labels = balanced_kmeans(embeddings, num_segments, seed=seed)
     centroids = torch.nn.functional.normalize(

@@ -1,0 +1,336 @@
+"""Training the retriever from the language model, as Atlas trains its retriever.
+
+Each training query retrieves K candidate adapters with the untrained encoder, plus a "no
+adapter" candidate. The language model scores every candidate on the query's reference answer
+in one batched forward pass (rows: each adapter alone, each leave-one-out mix, the full mix,
+no adapter). Those scores become a target distribution, and a small query-side head is trained
+so the retriever's distribution over the same candidates matches it:
+
+- PDist: g_i = −(mean NLL with adapter i alone); loss KL(softmax(g/T_g) ‖ softmax(s/T_s)).
+- LOOP: g_i = mean NLL of the mix without adapter i; same loss.
+- EMDR²: −log Σ_i softmax(s/T_s)_i · p_LM(reference | adapter i), the marginal likelihood.
+- supervised: cross-entropy over all adapters towards those labelled with the query's domain.
+
+Only the query side is trained (a residual linear map on the query embedding and a score for
+the no-adapter candidate), so the stored keys need no re-indexing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .config import REPO_ROOT
+from .encoder import Encoder
+from .generation import answer_ids
+from .weighting import leave_one_out_weights, relevance_weights
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HEAD_PATH = REPO_ROOT / "retriever" / "query_head.safetensors"
+VARIANTS = ("pdist", "loop", "emdr", "supervised")
+
+
+class QueryHead(torch.nn.Module):
+    """q ↦ normalize(q + W q + b): starts as the identity, so an untrained head changes nothing."""
+
+    def __init__(self, dim: int, encoder_id: str = "", variant: str = "") -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, dim)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+        self.null_score = torch.nn.Parameter(torch.tensor(0.0))
+        """Similarity-scale score of the "no adapter" candidate."""
+        self.encoder_id = encoder_id
+        self.variant = variant
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return F.normalize(queries + self.linear(queries), dim=-1)  # (n, dim)
+
+    @torch.no_grad()
+    def transform(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.forward(queries.float())
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.linear.weight.detach().contiguous(), "bias": self.linear.bias.detach().contiguous(),
+                   "null_score": self.null_score.detach().reshape(1)}
+        save_file(tensors, str(path), metadata={"encoder": self.encoder_id, "variant": self.variant})
+
+
+def load_query_head(path: Path | None, encoder: Encoder) -> QueryHead | None:
+    """Load a trained head made for `encoder`; None when there is none or it belongs to another encoder."""
+    path = Path(path) if path is not None else DEFAULT_HEAD_PATH
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if metadata.get("encoder") != encoder.encoder_id or tensors["weight"].shape[0] != encoder.dim:
+        logger.warning("Ignoring retriever head %s: it was trained for encoder %r, not %r", path,
+                       metadata.get("encoder"), encoder.encoder_id)
+        return None
+    head = QueryHead(encoder.dim, metadata.get("encoder", ""), metadata.get("variant", ""))
+    head.linear.weight.data.copy_(tensors["weight"])
+    head.linear.bias.data.copy_(tensors["bias"])
+    head.null_score.data.copy_(tensors["null_score"][0])
+    return head.eval()
+
+
+@dataclass
+class TeacherExample:
+    """One training query with its candidates and the language model's scores of them."""
+
+    query: str
+    domain: str
+    embedding: torch.Tensor  # (dim,) untrained query embedding
+    candidates: list[str]  # K adapter ids
+    nll_alone: torch.Tensor  # (K,) mean NLL with each adapter alone
+    nll_without: torch.Tensor  # (K,) mean NLL of the relevance-weighted mix without each adapter
+    nll_full: float
+    nll_base: float
+    tokens: int  # reference length, to turn mean NLL into a sequence log-likelihood
+
+
+def teacher_examples(engine, examples: Sequence, candidates: int, temperature: float = 0.1) -> list[TeacherExample]:
+    """Score every query's K candidates with the language model, one batched pass per query."""
+    result = []
+    for example in tqdm(examples, desc="teacher scores"):
+        retrieved = engine.retrieve(example.prompt, candidates, use_trained=False)
+        ids = [item.adapter_id for item in retrieved]
+        weights = relevance_weights(torch.tensor([item.similarity for item in retrieved]), "softmax", temperature)
+        loo = leave_one_out_weights(weights)  # (1 + 2K, K): full, without i, alone i
+        rows = [dict(zip(ids, row.tolist())) for row in loo] + [{}]
+        nll = engine.reference_nll(example.prompt, example.response, rows)
+        k = len(ids)
+        result.append(TeacherExample(
+            query=example.prompt, domain=example.segment or "", embedding=engine.encoder.encode([example.prompt])[0],
+            candidates=ids, nll_alone=nll[1 + k:1 + 2 * k], nll_without=nll[1:1 + k], nll_full=float(nll[0]),
+            nll_base=float(nll[-1]), tokens=int(answer_ids(engine.base.tokenizer, example.response).numel()),
+        ))
+    return result
+
+
+@dataclass
+class KeyTable:
+    """Every adapter's key vectors, for scoring candidates with a trainable query side."""
+
+    adapter_ids: list[str]
+    keys: torch.Tensor  # (num_keys, dim)
+    owner: torch.Tensor  # (num_keys,) index into adapter_ids
+
+    @classmethod
+    def from_store(cls, store) -> KeyTable:
+        key_owners, vectors = store.keys()
+        adapter_ids = sorted(set(key_owners))
+        index = {adapter_id: i for i, adapter_id in enumerate(adapter_ids)}
+        return cls(adapter_ids, F.normalize(vectors, dim=-1), torch.tensor([index[a] for a in key_owners]))
+
+    def similarities(self, queries: torch.Tensor) -> torch.Tensor:
+        """Best key similarity per adapter. (n, dim) -> (n, num_adapters)."""
+        per_key = queries @ self.keys.T  # (n, num_keys)
+        result = torch.full((queries.shape[0], len(self.adapter_ids)), -2.0)
+        return result.scatter_reduce(1, self.owner.expand(queries.shape[0], -1), per_key, reduce="amax")
+
+
+@dataclass
+class TrainingSettings:
+    variant: str = "pdist"
+    epochs: int = 40
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    teacher_temperature: float = 0.01
+    """T_g: temperature of the target distribution over candidates (Atlas uses 0.01)."""
+    retriever_temperature: float = 0.01
+    """T_s: temperature of the retriever's distribution over candidates."""
+    supervised_temperature: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}.")
+        if self.teacher_temperature <= 0 or self.retriever_temperature <= 0:
+            raise ValueError("teacher_temperature and retriever_temperature must be > 0.")
+
+
+def candidate_scores(head: QueryHead, table: KeyTable, batch: Sequence[TeacherExample]) -> torch.Tensor:
+    """Retriever scores of each example's candidates, the "no adapter" candidate last. -> (B, K + 1)."""
+    queries = head(torch.stack([example.embedding for example in batch]))
+    similarities = table.similarities(queries)  # (B, num_adapters)
+    index = {adapter_id: i for i, adapter_id in enumerate(table.adapter_ids)}
+    columns = torch.tensor([[index[a] for a in example.candidates] for example in batch])
+    chosen = similarities.gather(1, columns)
+    return torch.cat([chosen, head.null_score.expand(len(batch), 1)], dim=1)
+
+
+def teacher_targets(batch: Sequence[TeacherExample], variant: str) -> torch.Tensor:
+    """The language model's score g of each candidate, "no adapter" last. -> (B, K + 1)."""
+    if variant == "pdist":
+        return torch.stack([torch.cat([-e.nll_alone, torch.tensor([-e.nll_base])]) for e in batch])
+    if variant == "loop":
+        return torch.stack([torch.cat([e.nll_without, torch.tensor([e.nll_full])]) for e in batch])
+    if variant == "emdr":
+        return torch.stack([torch.cat([-e.nll_alone, torch.tensor([-e.nll_base])]) * e.tokens for e in batch])
+    raise ValueError(f"No teacher target for variant {variant!r}.")
+
+
+def loss_for_batch(head: QueryHead, table: KeyTable, batch: Sequence[TeacherExample], settings: TrainingSettings,
+                   domain_of: dict[str, str]) -> torch.Tensor:
+    if settings.variant == "supervised":
+        queries = head(torch.stack([example.embedding for example in batch]))
+        logits = table.similarities(queries) / settings.supervised_temperature  # (B, num_adapters)
+        positives = torch.tensor([[domain_of.get(a) == e.domain for a in table.adapter_ids] for e in batch])
+        log_probs = logits.log_softmax(-1)
+        return -(torch.logsumexp(log_probs.masked_fill(~positives, -1e9), dim=-1)).mean()
+    scores = candidate_scores(head, table, batch) / settings.retriever_temperature
+    targets = teacher_targets(batch, settings.variant)
+    if settings.variant == "emdr":
+        # log Σ_i p_retriever(i) · p_LM(y | i), computed in log space; the LM side carries no gradient
+        return -torch.logsumexp(scores.log_softmax(-1) + targets, dim=-1).mean()
+    target = (targets / settings.teacher_temperature).softmax(-1)
+    return F.kl_div(scores.log_softmax(-1), target, reduction="batchmean")
+
+
+@dataclass
+class TrainingCurve:
+    variant: str
+    loss: list[float] = field(default_factory=list)
+    validation_accuracy: list[float] = field(default_factory=list)
+
+
+def train_head(examples: Sequence[TeacherExample], table: KeyTable, domain_of: dict[str, str], encoder_id: str,
+               settings: TrainingSettings, validation: Sequence[TeacherExample] = ()) -> tuple[QueryHead, TrainingCurve]:
+    """Fit a query head on precomputed teacher scores. Cheap: the encoder and the LM are not run here."""
+    torch.manual_seed(settings.seed)
+    head = QueryHead(table.keys.shape[1], encoder_id, settings.variant)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    curve = TrainingCurve(settings.variant)
+    order = list(range(len(examples)))
+    rng = random.Random(settings.seed)
+    for _ in range(settings.epochs):
+        rng.shuffle(order)
+        losses = []
+        for start in range(0, len(order), settings.batch_size):
+            batch = [examples[i] for i in order[start:start + settings.batch_size]]
+            loss = loss_for_batch(head, table, batch, settings, domain_of)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        curve.loss.append(sum(losses) / len(losses))
+        if validation:
+            curve.validation_accuracy.append(routing_accuracy(head, table, validation, domain_of)["acc@1"])
+    return head.eval(), curve
+
+
+@torch.no_grad()
+def rank_adapters(head: QueryHead | None, table: KeyTable, embeddings: torch.Tensor,
+                  excluded: Sequence[set[str]] | None = None) -> list[list[str]]:
+    """Adapters for each query, best first, optionally without some adapters per query."""
+    queries = head(embeddings) if head is not None else F.normalize(embeddings, dim=-1)
+    similarities = table.similarities(queries)
+    rankings = []
+    for row, scores in enumerate(similarities):
+        order = [table.adapter_ids[i] for i in scores.argsort(descending=True).tolist()]
+        if excluded is not None:
+            order = [a for a in order if a not in excluded[row]]
+        rankings.append(order)
+    return rankings
+
+
+def routing_accuracy(head: QueryHead | None, table: KeyTable, examples: Sequence[TeacherExample],
+                     domain_of: dict[str, str]) -> dict[str, float]:
+    """Accuracy@1, @3 and MRR of routing each query to an adapter of its own domain."""
+    rankings = rank_adapters(head, table, torch.stack([e.embedding for e in examples]))
+    return _rank_metrics([[domain_of.get(a) for a in ranking] for ranking in rankings], [e.domain for e in examples])
+
+
+def _rank_metrics(ranked_labels: list[list], wanted: list) -> dict[str, float]:
+    hits1, hits3, reciprocal = [], [], []
+    for labels, target in zip(ranked_labels, wanted):
+        rank = labels.index(target) + 1 if target in labels else None
+        hits1.append(float(rank == 1))
+        hits3.append(float(rank is not None and rank <= 3))
+        reciprocal.append(1.0 / rank if rank else 0.0)
+    count = max(1, len(hits1))
+    return {"acc@1": sum(hits1) / count, "acc@3": sum(hits3) / count, "mrr": sum(reciprocal) / count}
+
+
+@dataclass
+class HeadReport:
+    """Test-split numbers of one retriever (a trained head, or None for the untrained encoder)."""
+
+    routing: dict[str, float]
+    without_own_expert: dict[str, float]
+    merged_nll: float
+
+
+def evaluate_heads(engine, heads: dict[str, QueryHead | None], examples: Sequence, table: KeyTable,
+                   domain_of: dict[str, str], top_k: int = 3, temperature: float = 0.1) -> dict[str, HeadReport]:
+    """Routing accuracy, routing without the query's own expert, and the NLL of each retriever's top-k merge.
+
+    With the own expert removed, the right answer is the remaining adapter with the lowest
+    reference NLL, so every adapter's NLL is measured too, in the same batched pass.
+    """
+    names = list(heads)
+    embeddings = engine.encoder.encode([example.prompt for example in examples])
+    own = [{a for a in table.adapter_ids if domain_of.get(a) == (e.segment or "")} for e in examples]
+    rankings = {name: rank_adapters(head, table, embeddings) for name, head in heads.items()}
+    excluded_rankings = {name: rank_adapters(head, table, embeddings, own) for name, head in heads.items()}
+    similarities = {name: table.similarities(head(embeddings) if head is not None else embeddings).detach()
+                    for name, head in heads.items()}
+
+    merged = {name: [] for name in names}
+    nearest_useful = []
+    for row, example in enumerate(tqdm(examples, desc="retriever test")):
+        mixes = []
+        for name in names:
+            top = rankings[name][row][:top_k]
+            scores = torch.tensor([similarities[name][row, table.adapter_ids.index(a)] for a in top])
+            mixes.append(dict(zip(top, relevance_weights(scores, "softmax", temperature).tolist())))
+        singles = [{a: 1.0} for a in table.adapter_ids]
+        nll = engine.reference_nll(example.prompt, example.response, mixes + singles)
+        for position, name in enumerate(names):
+            merged[name].append(float(nll[position]))
+        single = nll[len(names):]
+        allowed = [i for i, a in enumerate(table.adapter_ids) if a not in own[row]]
+        nearest_useful.append(table.adapter_ids[min(allowed, key=lambda i: float(single[i]))])
+
+    reports = {}
+    wanted_domains = [example.segment or "" for example in examples]
+    for name in names:
+        routing = _rank_metrics([[domain_of.get(a) for a in r] for r in rankings[name]], wanted_domains)
+        without = _rank_metrics(excluded_rankings[name], nearest_useful)
+        reports[name] = HeadReport(routing, without, sum(merged[name]) / max(1, len(merged[name])))
+    return reports
+
+
+def save_curves(curves: Sequence[TrainingCurve], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for curve in curves:
+        loss_axis.plot(range(1, len(curve.loss) + 1), curve.loss, label=curve.variant)
+        if curve.validation_accuracy:
+            accuracy_axis.plot(range(1, len(curve.validation_accuracy) + 1), curve.validation_accuracy, label=curve.variant)
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title="Loss (each variant on its own scale)")
+    loss_axis.set_yscale("log")
+    accuracy_axis.set(xlabel="epoch", ylabel="routing accuracy@1", title="Validation routing accuracy@1")
+    accuracy_axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
