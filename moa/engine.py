@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 MERGED_PATH_MIN_TOKENS = 16
 """With execution_path="auto", generations of at least this many tokens merge the deltas into the weights.
 
-NOTE: measured on 2 CPU cores with SmolLM2-135M (see docs/BENCHMARKS.md); on a GPU the merged
-path wins at shorter lengths too, because the per-token hook cost dominates there.
+NOTE: the value comes from the break-even length measured by `moa bench` on 2 CPU cores with
+SmolLM2-135M (docs/BENCHMARKS.md). On other hardware the break-even length differs.
 """
 
 IterationCallback = Callable[[Iteration], None]

@@ -117,7 +117,7 @@ class Mixer:
         """Add the mix's deltas into the base weights; restore the original tensors bit-exactly on exit."""
         weights = _check_weights(components, weights)
         if weights.shape[0] != 1:
-            raise MergeError(f"The merged path holds one mix at a time, got {weights.shape[0]} rows of weights.")
+            raise MergeError(f"The merged path applies one mix at a time, got {weights.shape[0]} rows of weights.")
         if not components:
             yield
             return

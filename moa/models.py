@@ -26,7 +26,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a base model's weights come from, and the hub id adapters must name as their base."""
+    """Location of a base model's weights, and the hub id that adapters must name as their base."""
 
     model_id: str
     """The id stored in adapters' `base_model_name_or_path` and in the store's collection name."""
@@ -79,7 +79,7 @@ def resolve_model_source(name: str) -> ModelSource:
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Pick CUDA with bf16 when available, otherwise CPU with fp32, unless told otherwise."""
+    """Pick CUDA with bf16 when available, otherwise CPU with fp32; explicit settings override both."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -21,7 +21,7 @@ REWEIGHT_TEMPERATURE = 0.25
 
 @dataclass
 class RetrievalPlan:
-    """What the next iteration retrieves, or the fixed mix it uses."""
+    """Retrieval request of the next iteration: a query and top-k, or a fixed mix."""
 
     query_text: str
     top_k: int
@@ -33,7 +33,7 @@ class RetrievalPlan:
 
 @dataclass
 class RefinementContext:
-    """What a strategy may look at: the query, the settings, and every iteration so far."""
+    """Inputs of a strategy: the query, the settings, and every iteration so far."""
 
     query: str
     settings: RouteSettings

@@ -68,7 +68,7 @@ class Retrieved:
 
 @dataclass
 class IndexReport:
-    """What `index_folder` changed: adapter ids per outcome."""
+    """Changes made by `index_folder`: the adapter ids of each outcome."""
 
     added: list[AdapterId] = field(default_factory=list)
     updated: list[AdapterId] = field(default_factory=list)

@@ -1,0 +1,152 @@
+"""Segmented fine-tuning on the tiny model: folder format, response-only loss, resume, segments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_MODEL_ID, make_tiny_model, tiny_segment
+from moa.adapters import read_adapter
+from moa.corpus import Example
+from moa.experts import kmeans_segments, label_segments
+from moa.models import BaseModel, ModelSource
+from moa.training import TrainingConfig, collate, encode_pair, expert_is_complete, train_expert
+
+
+def fresh_base(tokenizer) -> BaseModel:
+    return BaseModel(make_tiny_model(tokenizer), tokenizer, ModelSource(TINY_MODEL_ID, "memory"),
+                     torch.device("cpu"), torch.float32)
+
+
+def small_config(**changes) -> TrainingConfig:
+    values = dict(rank=4, alpha=8.0, steps=4, batch_size=2, checkpoint_every=2, sample_queries=2,
+                  learning_rate=5e-3, target_modules=("q_proj", "v_proj"))
+    values.update(changes)
+    return TrainingConfig(**values)
+
+
+def test_loss_mask_covers_response_and_end_of_turn(tokenizer):
+    ids, mask = encode_pair(tokenizer, "What is moss?", "A small plant.", max_length=200)
+    response = tokenizer("A small plant.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert sum(mask) == len(response)
+    assert [i for i, m in zip(ids, mask) if m] == response
+
+
+def test_collate_masks_by_attention_not_pad_id(tokenizer):
+    pairs = [encode_pair(tokenizer, "Hi", "Yes.", 64), encode_pair(tokenizer, "What is a long question?", "No.", 64)]
+    batch = collate(pairs, tokenizer.pad_token_id)
+    short = len(pairs[0][0])
+    assert batch["attention_mask"][0, :short].all()
+    assert not batch["attention_mask"][0, short:].any()
+    # the end-of-turn token equals the pad token, and is still a scored target
+    assert batch["input_ids"][0, short - 1] == tokenizer.pad_token_id
+    assert batch["loss_mask"][0, short - 1] == 1
+
+
+def test_expert_folder_is_standard_peft(tmp_path, tokenizer, encoder):
+    base = fresh_base(tokenizer)
+    result = train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(), encoder)
+    folder = result.folder
+    assert expert_is_complete(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == TINY_MODEL_ID
+    assert config["r"] == 4
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    info = read_adapter(folder)
+    assert info.domain == "music"
+    assert info.keys.shape == (3, encoder.dim)  # centroid and two sample queries
+    assert info.keys_encoder == encoder.encoder_id
+    card = (folder / "README.md").read_text()
+    assert "Validation NLL" in card
+    assert "Licence of the data: CC0" in card
+    assert len((folder / "loss_log.csv").read_text().splitlines()) == 4
+    assert not any(name.startswith("lora") for name, _ in base.model.named_modules())  # LoRA layers removed
+
+
+def test_completed_expert_is_skipped(tmp_path, tokenizer, encoder):
+    base = fresh_base(tokenizer)
+    train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(), encoder)
+    again = train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(), encoder)
+    assert again.skipped
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tokenizer, encoder):
+    """A run stopped after its step-2 checkpoint and resumed ends with the same weights as one that never stopped."""
+    reference = train_expert(fresh_base(tokenizer), tiny_segment("german"), tmp_path / "a", tmp_path / "runs-a",
+                             small_config(), encoder)
+
+    class Interrupt(Exception):
+        pass
+
+    import moa.training as training
+
+    original = training._save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        raise Interrupt()
+
+    training._save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Interrupt):
+            train_expert(fresh_base(tokenizer), tiny_segment("german"), tmp_path / "b", tmp_path / "runs-b",
+                         small_config(), encoder)
+    finally:
+        training._save_checkpoint = original
+    assert (tmp_path / "runs-b" / "german" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "b" / "german").exists()
+
+    resumed = train_expert(fresh_base(tokenizer), tiny_segment("german"), tmp_path / "b", tmp_path / "runs-b",
+                           small_config(), encoder)
+    expected = load_file(str(reference.folder / "adapter_model.safetensors"))
+    actual = load_file(str(resumed.folder / "adapter_model.safetensors"))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-3, atol=1e-4)
+    assert len((resumed.folder / "loss_log.csv").read_text().splitlines()) == 4
+
+
+def test_training_lowers_validation_nll(tmp_path, tokenizer, encoder):
+    result = train_expert(fresh_base(tokenizer), tiny_segment("plants"), tmp_path / "adapters", tmp_path / "runs",
+                          small_config(steps=12, learning_rate=1e-2), encoder)
+    assert result.validation_nll_after < result.validation_nll_before
+
+
+def test_training_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+        TrainingConfig(steps=0)
+    with pytest.raises(ValueError, match="target_modules"):
+        TrainingConfig(target_modules=())
+
+
+def labelled_splits():
+    train = [Example(f"What is a {word}?", f"A {word}.", domain, term=word)
+             for domain, words in {"plants": ["fern", "oak", "moss", "tulip"],
+                                   "music": ["violin", "sonata", "drum", "flute"]}.items() for word in words]
+    validation = [Example("What is a rose?", "A flower.", "plants", term="rose"),
+                  Example("What is a cello?", "An instrument.", "music", term="cello")]
+    return {"train": train, "validation": validation}
+
+
+def test_label_segments_keep_order_and_describe(encoder):
+    segments = label_segments(labelled_splits(), encoder, ["music", "plants"])
+    assert [s.name for s in segments] == ["music", "plants"]
+    assert len(segments[0].train) == 4
+    assert [e.term for e in segments[1].validation] == ["rose"]
+    assert segments[0].description.startswith("music: ")
+    assert set(segments[0].top_terms) <= {"violin", "sonata", "drum", "flute"}
+
+
+def test_label_segments_reject_unknown_label(encoder):
+    with pytest.raises(ValueError, match=r"No examples labelled \['law'\]"):
+        label_segments(labelled_splits(), encoder, ["law"])
+
+
+def test_kmeans_segments_balanced(encoder):
+    segments = kmeans_segments(labelled_splits(), 2, encoder)
+    assert sorted(len(s.train) for s in segments) == [4, 4]
+    assert all(s.name.startswith("cluster-") for s in segments)
+    assert {s.domain for s in segments} <= {"plants", "music"}
