@@ -90,6 +90,8 @@ class AdapterInfo:
     sample_queries: list[str] = field(default_factory=list)
     keys: torch.Tensor | None = None  # (num_keys, dim), precomputed by `keys_encoder`
     keys_encoder: str | None = None
+    raw_target_modules: object = None
+    """`target_modules` exactly as in adapter_config.json: a list of names or a regular expression."""
 
     @property
     def scaling(self) -> float:
@@ -128,18 +130,24 @@ def _read_json(path: Path, adapter: str) -> dict:
     return data
 
 
-def _normalise_target_modules(value: object, adapter: str) -> list[str]:
-    """Turn PEFT's `target_modules` (a list of names or one regex string) into a sorted list of names."""
+def _target_module_matcher(value: object, adapter: str):
+    """Return a predicate over full module names for PEFT's `target_modules`.
+
+    PEFT accepts a list of names, each matching a module whose name equals it or ends with
+    ".<name>", or one string that must match the whole module name as a regular expression.
+    Anything else (mixed types, an empty list, an invalid pattern) is rejected.
+    """
     if isinstance(value, str):
-        names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", value)
-        names = [name for name in names if name.endswith("proj") or name in {"fc1", "fc2", "wq", "wk", "wv", "wo"}]
-        if not names:
-            raise InvalidAdapterError(adapter, f"cannot read module names from the target_modules regex {value!r}.")
-        return sorted(set(names))
-    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-        short = {item.rsplit(".", 1)[-1] for item in value}
-        return sorted(short)
-    raise InvalidAdapterError(adapter, f"target_modules must be a list of module names, got {value!r}.")
+        try:
+            pattern = re.compile(value)
+        except re.error as error:
+            raise InvalidAdapterError(adapter, f"target_modules {value!r} is not a valid regular expression ({error}).") from error
+        return lambda name: pattern.fullmatch(name) is not None
+    if isinstance(value, list) and value and all(isinstance(item, str) and item for item in value):
+        names = set(value)
+        return lambda name: name in names or any(name.endswith("." + item) for item in names)
+    raise InvalidAdapterError(adapter, f"target_modules must be a list of module names or one regular expression, "
+                                       f"got {value!r}.")
 
 
 def read_adapter_config(path: Path, adapter_id: AdapterId) -> dict:
@@ -175,7 +183,8 @@ def read_adapter(path: Path, adapter_id: AdapterId | None = None) -> AdapterInfo
     config = read_adapter_config(path, adapter_id)
     metadata = _read_json(path / METADATA_FILE, adapter_id) if (path / METADATA_FILE).is_file() else {}
     keys, keys_encoder = _read_keys(path, adapter_id)
-    return AdapterInfo(
+    _target_module_matcher(config.get("target_modules"), adapter_id)  # reject unusable forms early
+    info = AdapterInfo(
         adapter_id=adapter_id,
         path=path,
         name=str(metadata.get("name", adapter_id)),
@@ -184,13 +193,30 @@ def read_adapter(path: Path, adapter_id: AdapterId | None = None) -> AdapterInfo
         base_model=str(config.get("base_model_name_or_path") or ""),
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
-        target_modules=_normalise_target_modules(config.get("target_modules"), adapter_id),
+        target_modules=[],  # filled from the weights below, as short module names
         use_rslora=bool(config.get("use_rslora", False)),
         fingerprint=fingerprint_folder(path),
         sample_queries=[str(query) for query in metadata.get("sample_queries", [])],
         keys=keys,
         keys_encoder=keys_encoder,
+        raw_target_modules=config.get("target_modules"),
     )
+    info.target_modules = sorted({name.rsplit(".", 1)[-1] for name in _weight_module_names(path, adapter_id)})
+    return info
+
+
+def _weight_module_names(path: Path, adapter_id: AdapterId) -> set[str]:
+    """Module names that the weights file has LoRA factors for, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+            keys = list(handle.keys())
+    except FileNotFoundError:
+        raise InvalidAdapterError(adapter_id, f"{WEIGHTS_FILE} is missing in {path}.") from None
+    except (SafetensorError, OSError) as error:
+        raise InvalidAdapterError(adapter_id, f"{WEIGHTS_FILE} is corrupt or unreadable ({error}).") from error
+    return {match["module"] for match in map(_KEY_PATTERN.match, keys) if match}
 
 
 def _read_keys(path: Path, adapter_id: AdapterId) -> tuple[torch.Tensor | None, str | None]:
@@ -260,13 +286,13 @@ def validate_adapter(info: AdapterInfo, weights: LoRAWeights, model_id: str,
     if not base_model_matches(info.base_model, model_id):
         raise InvalidAdapterError(info.adapter_id, f"it was trained for base model {info.base_model!r}, "
                                                    f"but this store serves {model_id!r}.")
+    matches_target = _target_module_matcher(info.raw_target_modules, info.adapter_id)
     for module_name, module in weights.modules.items():
         if module_name not in module_shapes:
             raise InvalidAdapterError(info.adapter_id, f"module {module_name!r} is not a Linear layer of {model_id!r}.")
-        short_name = module_name.rsplit(".", 1)[-1]
-        if short_name not in info.target_modules:
-            raise InvalidAdapterError(info.adapter_id, f"module {module_name!r} is not among target_modules "
-                                                       f"{info.target_modules}; the config and weights disagree.")
+        if not matches_target(module_name):
+            raise InvalidAdapterError(info.adapter_id, f"module {module_name!r} does not match target_modules "
+                                                       f"{info.raw_target_modules!r}; the config and weights disagree.")
         in_features, out_features = module_shapes[module_name]
         expected_a, expected_b = (info.rank, in_features), (out_features, info.rank)
         if tuple(module.A.shape) != expected_a or tuple(module.B.shape) != expected_b:

@@ -76,6 +76,7 @@ def index_folder(folder: Path, store: AdapterStore, encoder: Encoder, module_sha
 
     report = IndexReport()
     registered = store.adapters()
+    key_counts = store.key_counts()
     present = {candidate.info.adapter_id for candidate in accepted}
     changed = []
     for candidate in accepted:
@@ -83,18 +84,23 @@ def index_folder(folder: Path, store: AdapterStore, encoder: Encoder, module_sha
         if previous is None:
             report.added.append(candidate.info.adapter_id)
             changed.append(candidate)
-        elif previous.fingerprint != candidate.info.fingerprint or previous.path != str(candidate.info.path):
+        elif (previous.fingerprint != candidate.info.fingerprint or previous.path != str(candidate.info.path)
+              or key_counts.get(previous.adapter_id) != previous.num_keys):  # a write interrupted mid-way
             report.updated.append(candidate.info.adapter_id)
             changed.append(candidate)
         else:
             report.unchanged.append(candidate.info.adapter_id)
     report.removed = [adapter_id for adapter_id, record in registered.items()
                       if adapter_id not in present and Path(record.path).parent == folder]
+    # Key records whose first record (key_index 0) was lost are invisible to `adapters()`; drop them too.
+    orphans = [adapter_id for adapter_id in key_counts if adapter_id not in registered and adapter_id not in present]
 
     if changed:
         store.register([(candidate.info, candidate.keys) for candidate in changed])
     if report.removed:
         store.remove(report.removed)
+    if orphans:
+        store.delete_records(orphans)
     return report
 
 

@@ -203,6 +203,13 @@ class AdapterStore:
         records = [_record_from_metadata(metadata) for metadata in result["metadatas"] or []]
         return {record.adapter_id: record for record in sorted(records, key=lambda r: r.adapter_id)}
 
+    def key_counts(self) -> dict[AdapterId, int]:
+        """Return how many key records each adapter has, to find adapters left incomplete by a crash."""
+        counts: dict[AdapterId, int] = {}
+        for metadata in self.collection.get(include=["metadatas"])["metadatas"] or []:
+            counts[metadata["adapter_id"]] = counts.get(metadata["adapter_id"], 0) + 1
+        return counts
+
     def keys(self) -> tuple[list[AdapterId], torch.Tensor]:
         """Return every key vector with its adapter id, for maps and analysis. -> ids, (num_keys, dim)."""
         result = self.collection.get(include=["embeddings", "metadatas"])
@@ -238,6 +245,11 @@ class AdapterStore:
         for start in range(0, len(adapter_ids), 100):
             chunk = list(adapter_ids[start:start + 100])
             self.collection.delete(where={"adapter_id": {"$in": chunk}})
+
+    def delete_records(self, adapter_ids: Sequence[AdapterId]) -> None:
+        """Delete every key record of these adapters, registered or not (crash clean-up)."""
+        with self.write_lock():
+            self._delete_adapters(list(adapter_ids))
 
     def remove(self, adapter_ids: Sequence[AdapterId]) -> None:
         """Unregister adapters; an id that is not registered raises `KeyError` before anything is deleted."""
