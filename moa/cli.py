@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("library-report", help="measure the library's adapter x domain NLL matrix and routing")
     report.add_argument("--corpus", default="data/corpus", help="corpus folder from build-corpus")
     report.add_argument("--per-domain", type=int, default=24, help="held-out pairs per domain")
-    report.add_argument("--compare", help="a second library folder (e.g. the k-means experts) to compare with")
+    report.add_argument("--library", help="measure this adapter folder in a scratch store (default: the registered library)")
+    report.add_argument("--title", default="Label library", help="heatmap title")
     report.add_argument("--out", default="docs/library_report.json", help="JSON file with every number")
+    report.add_argument("--matrix", default="docs/library_matrix.json", help="matrix JSON read by the app ('' skips)")
     report.add_argument("--heatmap", default="assets/library_heatmap.png", help="PNG heatmap of the NLL gains")
     _add_global_options(report)
 
@@ -273,39 +275,29 @@ def run_library_report(args: argparse.Namespace) -> None:
     from .engine import MoA
     from .experts import load_splits
     from .specialisation import (library_checks_markdown, matrix_markdown, nll_matrix, open_library_store,
-                                 routing_scores, sample_by_domain, save_heatmap)
+                                 routing_scores, sample_by_domain, save_heatmap, save_matrix)
 
     engine = MoA.from_config(_config(args))
     splits = load_splits(Path(args.corpus))
     validation = sample_by_domain(splits["validation"], args.per_domain)
     test = sample_by_domain(splits["test"], args.per_domain, seed=1)
-    records = engine.store.adapters()
-    matrix = nll_matrix(engine, list(records), validation)
-    checks = matrix.specialisation_checks({adapter_id: record.domain for adapter_id, record in records.items()})
-    save_heatmap(matrix, Path(args.heatmap), "Label library: NLL gain per adapter and domain")
-    routing = routing_scores(engine, engine.store, test, use_trained=False)
-    result = {"matrix": matrix.__dict__, "checks": checks, "routing": routing.__dict__}
+    with tempfile.TemporaryDirectory() as scratch:
+        store = open_library_store(engine, Path(args.library), Path(scratch) / "store") if args.library else engine.store
+        records = store.adapters()
+        matrix = nll_matrix(engine, list(records), validation, store)
+        checks = matrix.specialisation_checks({adapter_id: record.domain for adapter_id, record in records.items()})
+        routing = routing_scores(engine, store, test, use_trained=False)
+    save_heatmap(matrix, Path(args.heatmap), f"{args.title}: NLL gain per adapter and domain")
+    if args.matrix:
+        save_matrix(matrix, Path(args.matrix))
+    result = {"library": args.library or str(engine.config.adapters_dir), "matrix": matrix.__dict__, "checks": checks,
+              "routing": routing.__dict__, "domains": {k: r.domain for k, r in records.items()},
+              "descriptions": {k: r.description for k, r in records.items()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(matrix_markdown(matrix), "\n")
     print(library_checks_markdown(checks), "\n")
     print(json.dumps(routing.__dict__, indent=1))
-
-    if args.compare:
-        with tempfile.TemporaryDirectory() as scratch:
-            store = open_library_store(engine, Path(args.compare), Path(scratch) / "store")
-            compare_records = store.adapters()
-            compare_matrix = nll_matrix(engine, list(compare_records), validation, store)
-            compare_checks = compare_matrix.specialisation_checks(
-                {adapter_id: record.domain for adapter_id, record in compare_records.items()})
-            compare_routing = routing_scores(engine, store, test, use_trained=False)
-            save_heatmap(compare_matrix, Path(args.heatmap).with_name("library_heatmap_kmeans.png"),
-                         "k-means library: NLL gain per adapter and domain")
-        result["compare"] = {"folder": args.compare, "matrix": compare_matrix.__dict__, "checks": compare_checks,
-                             "routing": compare_routing.__dict__,
-                             "domains": {k: r.domain for k, r in compare_records.items()},
-                             "descriptions": {k: r.description for k, r in compare_records.items()}}
-        print(json.dumps(compare_routing.__dict__, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -44,9 +44,11 @@ def teacher_forced_logits(model: torch.nn.Module, prompt_ids: torch.Tensor, targ
     """
     input_ids = torch.cat([prompt_ids, target_ids]).unsqueeze(0).expand(rows, -1)  # (rows, P+T)
     attention_mask = torch.ones_like(input_ids)
-    prompt_length = prompt_ids.shape[0]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return logits[:, prompt_length - 1:-1]  # (rows, T, V)
+    target_length = target_ids.shape[0]
+    # Only the last T+1 positions go through the LM head: with a 49k vocabulary it dominates the cost.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=target_length + 1).logits
+    return logits[:, :-1]  # (rows, T, V)
 
 
 @torch.inference_mode()
@@ -54,7 +56,10 @@ def teacher_forced_errors(model: torch.nn.Module, prompt_ids: torch.Tensor, targ
                           metric: str, rows: int = 1) -> torch.Tensor:
     """Per-token error of `target_ids` after `prompt_ids`, for each of `rows` mixes. -> (rows, T)."""
     logits = teacher_forced_logits(model, prompt_ids, target_ids, rows)
-    surprisal, entropy = surprisal_and_entropy(logits, target_ids.unsqueeze(0).expand(rows, -1))
+    targets = target_ids.unsqueeze(0).expand(rows, -1)
+    if metric in ("surprisal", "nll"):  # skip the entropy pass over the vocabulary when it is not needed
+        return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    surprisal, entropy = surprisal_and_entropy(logits, targets)
     return select_metric(surprisal, entropy, metric)
 
 
