@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=64, help="generation length for tokens/s")
     bench.add_argument("--chroma-sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000],
                        help="synthetic key counts for the Chroma latency")
+    bench.add_argument("--stages", nargs="+", default=None,
+                       help="stages to run (default all): routing generation break_even scoring chroma cold_start")
     bench.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown file to write ('-' prints it)")
     _add_global_options(bench)
 
@@ -318,12 +320,12 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from .benchmark import machine_description, markdown, run_bench as bench
+    from .benchmark import STAGES, machine_description, markdown, run_bench as bench
     from .engine import MoA
 
     config = _config(args)
     engine = MoA.from_config(config)
-    result = bench(engine, config, args.repeats, tuple(args.chroma_sizes), args.tokens)
+    result = bench(engine, config, args.repeats, tuple(args.chroma_sizes), args.tokens, tuple(args.stages or STAGES))
     command = "moa bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "moa bench"
     text = markdown(result, command, machine_description(), args.repeats)
     if args.out == "-":
