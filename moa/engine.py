@@ -190,7 +190,8 @@ class MoA:
         target_ids = answer_ids(self.base.tokenizer, reference) if metric == "nll" else generation.token_ids
 
         contributions = None
-        if target_ids.numel() and adapters and settings.contributions:
+        # a stopped request frees the model at once, so it skips the contribution pass
+        if target_ids.numel() and adapters and settings.contributions and not generation.stopped_by_user:
             contributions = compute_contributions(self.base.model, self.mixer, adapters, weights, prompt_ids,
                                                   target_ids, metric, settings.merge_method, settings.density,
                                                   settings.seed)

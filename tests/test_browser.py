@@ -115,7 +115,7 @@ def test_stop_button_frees_model(page):
     page.locator("#run").click()
     page.wait_for_function("document.querySelector('#answer textarea')?.value.length > 20", timeout=RUN_TIMEOUT_MS)
     page.locator("#stop").click()
-    expect(page.locator("#status")).to_contain_text("Stopped")
+    expect(page.locator("#status")).to_contain_text("Stopped", timeout=RUN_TIMEOUT_MS)
 
     page.locator("#query textarea").fill(EXAMPLE)
     set_max_new_tokens(page, MAX_NEW_TOKENS)

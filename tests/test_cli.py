@@ -76,6 +76,7 @@ def test_index_list_remove_round_trip(cli_env, tmp_path, capsys):
     records = json.loads(capsys.readouterr().out)
     victim = records[0]["adapter_id"]
     assert main(["remove", victim]) == 0
+    assert f"removed {victim}" in capsys.readouterr().out
     assert main(["list", "--json"]) == 0
     assert victim not in {r["adapter_id"] for r in json.loads(capsys.readouterr().out)}
 
