@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 MERGED_PATH_MIN_TOKENS = 16
 """With execution_path="auto", generations of at least this many tokens merge the deltas into the weights.
 
-NOTE: the value comes from the break-even length measured by `moa bench` on 2 CPU cores with
-SmolLM2-135M (docs/BENCHMARKS.md). On other hardware the break-even length differs.
+NOTE: an estimate, not yet measured on an idle machine. `moa bench --stages break_even` reports
+the break-even length between the two paths for the machine it runs on.
 """
 
 IterationCallback = Callable[[Iteration], None]

@@ -113,7 +113,8 @@ def test_stop_button_frees_model(page):
     page.locator("#query textarea").fill("Count from 1 to 500, separated by commas.")
     set_max_new_tokens(page, 400)
     page.locator("#run").click()
-    page.wait_for_function("document.querySelector('#answer textarea')?.value.length > 20", timeout=RUN_TIMEOUT_MS)
+    # stop at the first streamed characters: a routed expert may keep the whole answer short
+    page.wait_for_function("document.querySelector('#answer textarea')?.value.length > 0", timeout=RUN_TIMEOUT_MS)
     page.locator("#stop").click()
     expect(page.locator("#status")).to_contain_text("Stopped", timeout=RUN_TIMEOUT_MS)
 
