@@ -60,7 +60,7 @@ def load_queries(path: Path) -> list[EvalQuery]:
         domains = row.get("domains", [row["segment"]] if row.get("segment") else [])
         queries.append(EvalQuery(query, reference, list(domains)))
     if not queries:
-        raise ValueError(f"{path} holds no queries.")
+        raise ValueError(f"{path} contains no queries; add lines of {{\"query\", \"reference\"}}.")
     return queries
 
 
