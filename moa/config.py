@@ -160,7 +160,7 @@ def _read_config_file() -> dict[str, Any]:
 
 @dataclass
 class RouteSettings:
-    """How one query is routed, merged, generated, scored and refined."""
+    """Per-request settings: routing, merging, generation, scoring and refinement of one query."""
 
     top_k: int = 3
     """How many adapters to retrieve in the first iteration."""

@@ -39,7 +39,7 @@ IterationCallback = Callable[[Iteration], None]
 
 
 class QueryError(ValueError):
-    """The query or a setting of this request is invalid; the message says how to fix it."""
+    """The query or a setting of this request is invalid; the message explains how to fix it."""
 
 
 def clean_query(query: object, max_chars: int) -> str:
@@ -177,7 +177,7 @@ class MoA:
     def run_iteration(self, index: int, query: str, plan: RetrievalPlan, settings: RouteSettings,
                       reference: str | None, on_token: TokenCallback | None = None,
                       stop_event: threading.Event | None = None) -> tuple[Iteration, Generation]:
-        """Retrieve, merge, generate and score once. The caller holds `self.lock`."""
+        """Retrieve, merge, generate and score once. The caller must have acquired `self.lock`."""
         started = time.perf_counter()
         metric = resolve_metric(settings.error_metric, reference)
         chosen, weights, note = self._select(plan, settings)

@@ -176,7 +176,10 @@ def load_base_model(name: str = "default", device: str = "auto", dtype: str = "a
 
 
 def linear_module_shapes(model_name: str = "default", cache_dir: Path | None = None) -> dict[str, tuple[int, int]]:
-    """Return {module name: (in_features, out_features)} of the model's Linear layers, without loading weights."""
+    """Return {module name: (in_features, out_features)} of the model's Linear layers, without loading weights.
+
+    Lets a script validate adapters against the base model without loading its weights.
+    """
     source = resolve_model_source(model_name)
     location = weights_location(source, cache_dir or Path.home() / ".cache" / "moa" / "models")
     config = AutoConfig.from_pretrained(location)

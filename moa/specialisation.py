@@ -1,4 +1,4 @@
-"""How specialised a library is: the adapter × domain NLL matrix, routing accuracy and routed NLL.
+"""Library specialisation measures: the adapter × domain NLL matrix, routing accuracy and routed NLL.
 
 Every expert is scored on every domain's held-out pairs in one batched pass per pair: the batch
 has one row per adapter (one-hot weights) plus a row with no adapter.
@@ -106,15 +106,16 @@ def routing_scores(engine: MoA, store: AdapterStore, samples: dict[str, list[Exa
     for domain, examples in tqdm(samples.items(), desc="routing", leave=False):
         for example in examples:
             embedding = engine.embed_query(example.prompt, use_trained)
-            ranked = [item.record.domain for item in store.query(embedding, len(records))]
+            retrieved = store.query(embedding, len(records))  # one Chroma round trip serves rank and top-1
+            ranked = [item.record.domain for item in retrieved]
             rank = ranked.index(domain) + 1 if domain in ranked else None
             hits1.append(float(rank == 1))
             hits3.append(float(rank is not None and rank <= 3))
             reciprocal.append(1.0 / rank if rank else 0.0)
             per_domain[domain].append(float(rank == 1))
             if score_nll:
-                top = store.query(embedding, 1)[0]
-                scores = engine.reference_nll(example.prompt, example.response, [{}, {top.adapter_id: 1.0}], store)
+                scores = engine.reference_nll(example.prompt, example.response,
+                                              [{}, {retrieved[0].adapter_id: 1.0}], store)
                 base_nll.append(float(scores[0]))
                 nll.append(float(scores[1]))
     mean = lambda values: sum(values) / max(1, len(values))  # noqa: E731

@@ -1,6 +1,6 @@
 """Segmented fine-tuning: one LoRA expert per corpus segment, resumable, written as PEFT folders.
 
-Each expert folder holds `adapter_config.json`, `adapter_model.safetensors` (fp16), a model
+Each expert folder contains `adapter_config.json`, `adapter_model.safetensors` (fp16), a model
 card `README.md`, `moa.json` (name, domain, description, sample queries, validation NLL) and
 `keys.safetensors` (centroid and sample-query embeddings from the retriever's encoder), so
 `moa index` registers it without recomputing anything.
@@ -52,7 +52,7 @@ class TrainingConfig:
     batch_size: int = 8
     """Sequences per step."""
     max_length: int = 96
-    """Longest training sequence in tokens, chat template included; longer ones are truncated."""
+    """Maximum training sequence length in tokens, chat template included; longer ones are truncated."""
     warmup_steps: int = 5
     """Steps of linear learning-rate warm-up."""
     checkpoint_every: int = 20
