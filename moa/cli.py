@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     _add_global_options(listing)
 
+    importer = commands.add_parser("import", help="copy external PEFT adapters into the library and register them")
+    importer.add_argument("source", help="a PEFT adapter folder, a folder of them, or a Hugging Face repo id")
+    importer.add_argument("--id", dest="adapter_id", help="adapter id for a single adapter (default: its folder or "
+                                                          "repo name)")
+    importer.add_argument("--description", help="retrieval description written to the copy's moa.json (single adapter)")
+    _add_global_options(importer)
+
     remove = commands.add_parser("remove", help="unregister adapters (their folders are kept)")
     remove.add_argument("ids", nargs="+", metavar="ID", help="adapter id as shown by `moa list`")
     _add_global_options(remove)
@@ -148,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     retriever.add_argument("--retriever-temperature", type=float, default=0.01, help="T_s of the retriever distribution")
     retriever.add_argument("--out", default=None, help="where the best head is saved (default retriever/query_head.safetensors)")
     retriever.add_argument("--report", default="docs/retriever_report.json", help="JSON file with every number")
+    retriever.add_argument("--curves", default="assets/retriever_curves.png", help="PNG of the training curves")
+    retriever.add_argument("--cache", default="runs/retriever/teacher.pt",
+                           help="teacher scores saved as they are computed, so a stopped run resumes ('' to disable)")
     _add_global_options(retriever)
     return parser
 
@@ -202,6 +212,17 @@ def run_index(args: argparse.Namespace) -> None:
     print(f"added {len(report.added)}, updated {len(report.updated)}, removed {len(report.removed)}, "
           f"unchanged {len(report.unchanged)}")
     for label, ids in (("added", report.added), ("updated", report.updated), ("removed", report.removed)):
+        if ids:
+            print(f"  {label}: {', '.join(ids)}")
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from .engine import MoA
+
+    engine = MoA.from_config(_config(args), index_default_library=False)
+    report = engine.import_adapters(args.source, args.adapter_id, args.description)
+    print(f"imported {len(report.imported)} into {report.library}, unchanged {len(report.unchanged)}")
+    for label, ids in (("imported", report.imported), ("unchanged", report.unchanged)):
         if ids:
             print(f"  {label}: {', '.join(ids)}")
 
@@ -353,52 +374,37 @@ def run_train_retriever(args: argparse.Namespace) -> None:
     from .engine import MoA
     from .evaluation import load_queries
     from .experts import load_splits
-    from .retriever_training import (DEFAULT_HEAD_PATH, KeyTable, TrainingSettings, evaluate_heads, save_curves,
-                                     teacher_examples, train_head)
+    from .retriever_training import DEFAULT_HEAD_PATH, save_curves, train_retriever
     from .specialisation import sample_by_domain
 
     if args.candidates < 8:
         raise CommandError(f"--candidates must be at least 8, got {args.candidates}.")
     engine = MoA.from_config(_config(args))
-    engine.query_head = None  # teacher candidates and the baseline come from the untrained encoder
     splits = load_splits(Path(args.corpus))
     if args.queries:
         train = [Example(q.query, q.reference, (q.domains or [None])[0]) for q in load_queries(Path(args.queries))]
     else:
         train = [e for examples in sample_by_domain(splits["train"], args.per_domain).values() for e in examples]
     random.Random(0).shuffle(train)
+    if "test" not in splits:
+        raise CommandError(f"Corpus folder {args.corpus} has no test.jsonl for the report; rebuild it with "
+                           "`moa build-corpus`.")
     test = [e for examples in sample_by_domain(splits["test"], args.test_per_domain, seed=1).values() for e in examples]
 
-    scored = teacher_examples(engine, train, args.candidates)
-    cut = max(1, len(scored) // 10)
-    validation, training = scored[:cut], scored[cut:]
-    table = KeyTable.from_store(engine.store)
-    domain_of = {adapter_id: record.domain for adapter_id, record in engine.store.adapters().items()}
-    heads, curves = {"untrained": None}, []
-    for variant in args.variants:
-        settings = TrainingSettings(variant=variant, epochs=args.epochs, teacher_temperature=args.teacher_temperature,
-                                    retriever_temperature=args.retriever_temperature)
-        head, curve = train_head(training, table, domain_of, engine.encoder.encoder_id, settings, validation)
-        heads[variant] = head
-        curves.append(curve)
-    lm_variants = [c for c in curves if c.variant != "supervised"]
-    chosen = max(lm_variants or curves, key=lambda c: c.validation_accuracy[-1]).variant
-    reports = evaluate_heads(engine, heads, test, table, domain_of)
-
+    result = train_retriever(engine, train, test, args.candidates, args.variants, args.epochs,
+                             args.teacher_temperature, args.retriever_temperature,
+                             cache=Path(args.cache) if args.cache else None)
     out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
-    heads[chosen].save(out)
-    save_curves(curves, Path("assets/retriever_curves.png"))
-    result = {"chosen": chosen, "saved_to": str(out), "train_queries": len(training), "validation_queries": len(validation),
-              "test_queries": len(test), "candidates": args.candidates,
-              "curves": {c.variant: {"loss": c.loss, "validation_acc@1": c.validation_accuracy} for c in curves},
-              "test": {name: report.__dict__ for name, report in reports.items()}}
+    result.heads[result.chosen].save(out)
+    save_curves(result.curves, Path(args.curves))
+    report = result.to_json() | {"saved_to": str(out)}
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(json.dumps(result, indent=1) + "\n")
-    for name, report in reports.items():
-        print(f"{name:<11} acc@1 {report.routing['acc@1']:.3f}  acc@3 {report.routing['acc@3']:.3f}  "
-              f"MRR {report.routing['mrr']:.3f}  without-own acc@1 {report.without_own_expert['acc@1']:.3f}  "
-              f"merged NLL {report.merged_nll:.3f}")
-    print(f"saved the {chosen} head to {out}")
+    Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    for name, test_report in result.reports.items():
+        print(f"{name:<11} acc@1 {test_report.routing['acc@1']:.3f}  acc@3 {test_report.routing['acc@3']:.3f}  "
+              f"MRR {test_report.routing['mrr']:.3f}  without-own acc@1 {test_report.without_own_expert['acc@1']:.3f}  "
+              f"merged NLL {test_report.merged_nll:.3f}")
+    print(f"saved the {result.chosen} head to {out}")
 
 
 COMMANDS = {
@@ -408,6 +414,7 @@ COMMANDS = {
     "library-report": run_library_report,
     "query": run_query,
     "index": run_index,
+    "import": run_import,
     "list": run_list,
     "remove": run_remove,
     "build-corpus": run_build_corpus,

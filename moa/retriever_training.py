@@ -101,23 +101,62 @@ class TeacherExample:
     tokens: int  # reference length, to turn mean NLL into a sequence log-likelihood
 
 
-def teacher_examples(engine, examples: Sequence, candidates: int, temperature: float = 0.1) -> list[TeacherExample]:
-    """Score every query's K candidates with the language model, one batched pass per query."""
-    result = []
-    for example in tqdm(examples, desc="teacher scores"):
-        retrieved = engine.retrieve(example.prompt, candidates, use_trained=False)
-        ids = [item.adapter_id for item in retrieved]
-        weights = relevance_weights(torch.tensor([item.similarity for item in retrieved]), "softmax", temperature)
-        loo = leave_one_out_weights(weights)  # (1 + 2K, K): full, without i, alone i
-        rows = [dict(zip(ids, row.tolist())) for row in loo] + [{}]
-        nll = engine.reference_nll(example.prompt, example.response, rows)
-        k = len(ids)
-        result.append(TeacherExample(
-            query=example.prompt, domain=example.segment or "", embedding=engine.encoder.encode([example.prompt])[0],
-            candidates=ids, nll_alone=nll[1 + k:1 + 2 * k], nll_without=nll[1:1 + k], nll_full=float(nll[0]),
-            nll_base=float(nll[-1]), tokens=int(answer_ids(engine.base.tokenizer, example.response).numel()),
-        ))
-    return result
+def teacher_examples(engine, examples: Sequence, candidates: int, temperature: float = 0.1,
+                     cache: Path | None = None, save_every: int = 16) -> list[TeacherExample]:
+    """Score every query's K candidates with the language model, one batched pass per query.
+
+    With `cache`, scored queries are saved every `save_every` queries and reused, so a stopped run
+    resumes where it stopped. The cache is dropped when the model, encoder, library, K or the
+    weighting temperature differ from the run that wrote it.
+    """
+    signature = {"model": engine.base.model_id, "encoder": engine.encoder.encoder_id, "candidates": candidates,
+                 "temperature": temperature, "adapters": sorted(engine.store.adapters())}
+    done = _load_teacher_cache(cache, signature)
+    pending = [example for example in examples if example.prompt not in done]
+    if done:
+        logger.info("Teacher scores: %d queries cached in %s, %d to score", len(examples) - len(pending), cache,
+                    len(pending))
+
+    for position, example in enumerate(tqdm(pending, desc="teacher scores")):
+        done[example.prompt] = score_candidates(engine, example, candidates, temperature)
+        if cache is not None and ((position + 1) % save_every == 0 or position + 1 == len(pending)):
+            _save_teacher_cache(cache, signature, done)
+    return [done[example.prompt] for example in examples]
+
+
+def score_candidates(engine, example, candidates: int, temperature: float) -> TeacherExample:
+    """Retrieve K candidates with the untrained encoder and score them all in one batched pass."""
+    retrieved = engine.retrieve(example.prompt, candidates, use_trained=False)
+    ids = [item.adapter_id for item in retrieved]
+    weights = relevance_weights(torch.tensor([item.similarity for item in retrieved]), "softmax", temperature)
+    loo = leave_one_out_weights(weights)  # (1 + 2K, K): full, without i, alone i
+    rows = [dict(zip(ids, row.tolist())) for row in loo] + [{}]  # the last row is the base model
+    nll = engine.reference_nll(example.prompt, example.response, rows)  # (2 + 2K,)
+
+    k = len(ids)
+    return TeacherExample(
+        query=example.prompt, domain=example.segment or "", embedding=engine.encoder.encode([example.prompt])[0].clone(),
+        candidates=ids, nll_alone=nll[1 + k:1 + 2 * k], nll_without=nll[1:1 + k], nll_full=float(nll[0]),
+        nll_base=float(nll[-1]), tokens=int(answer_ids(engine.base.tokenizer, example.response).numel()),
+    )
+
+
+def _load_teacher_cache(path: Path | None, signature: dict) -> dict[str, TeacherExample]:
+    if path is None or not path.is_file():
+        return {}
+    saved = torch.load(path, weights_only=False)
+    if saved.get("signature") != signature:
+        logger.warning("Ignoring teacher cache %s: it was scored with other settings or another library", path)
+        return {}
+    return {row["query"]: TeacherExample(**row) for row in saved["examples"]}
+
+
+def _save_teacher_cache(path: Path, signature: dict, done: dict[str, TeacherExample]) -> None:
+    """Write to a temporary file and rename it, so a killed run never leaves a truncated cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")
+    torch.save({"signature": signature, "examples": [vars(example) for example in done.values()]}, partial)
+    partial.replace(path)
 
 
 @dataclass
@@ -283,12 +322,13 @@ def evaluate_heads(engine, heads: dict[str, QueryHead | None], examples: Sequenc
     reference NLL, so every adapter's NLL is measured too, in the same batched pass.
     """
     names = list(heads)
-    embeddings = engine.encoder.encode([example.prompt for example in examples])
+    embeddings = engine.encoder.encode([example.prompt for example in examples]).clone()  # out of inference mode
     own = [{a for a in table.adapter_ids if domain_of.get(a) == (e.segment or "")} for e in examples]
     rankings = {name: rank_adapters(head, table, embeddings) for name, head in heads.items()}
     excluded_rankings = {name: rank_adapters(head, table, embeddings, own) for name, head in heads.items()}
-    similarities = {name: table.similarities(head(embeddings) if head is not None else embeddings).detach()
-                    for name, head in heads.items()}
+    with torch.no_grad():
+        similarities = {name: table.similarities(head(embeddings) if head is not None else embeddings)
+                        for name, head in heads.items()}
 
     merged = {name: [] for name in names}
     nearest_useful = []
@@ -334,3 +374,62 @@ def save_curves(curves: Sequence[TrainingCurve], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+@dataclass
+class RetrieverRun:
+    """Every head trained by `train_retriever`, its curves and test numbers, and the head to ship."""
+
+    heads: dict[str, QueryHead | None]
+    curves: list[TrainingCurve]
+    reports: dict[str, HeadReport]
+    chosen: str
+    train_queries: int
+    validation_queries: int
+    test_queries: int
+    candidates: int
+    settings: dict[str, float]
+
+    def to_json(self) -> dict:
+        return {"chosen": self.chosen, "train_queries": self.train_queries,
+                "validation_queries": self.validation_queries, "test_queries": self.test_queries,
+                "candidates": self.candidates, "settings": self.settings,
+                "curves": {c.variant: {"loss": c.loss, "validation_acc@1": c.validation_accuracy} for c in self.curves},
+                "test": {name: vars(report) for name, report in self.reports.items()}}
+
+
+def train_retriever(engine, train: Sequence, test: Sequence, candidates: int = 8, variants: Sequence[str] = VARIANTS,
+                    epochs: int = 40, teacher_temperature: float = 0.01, retriever_temperature: float = 0.01,
+                    cache: Path | None = None, validation_fraction: float = 0.1) -> RetrieverRun:
+    """Score the training queries with the LM, train one head per variant, and test them all.
+
+    The head to ship is the LM-trained variant (PDist, LOOP or EMDR²) with the best validation
+    accuracy@1; the supervised head is trained as a baseline only.
+    """
+    registered = engine.store.adapters()
+    if candidates > len(registered):
+        raise ValueError(f"candidates={candidates} is more than the {len(registered)} registered adapters; "
+                         "register more adapters or lower the number of candidates.")
+    if not train or not test:
+        raise ValueError(f"Retriever training needs training and test queries, got {len(train)} and {len(test)}.")
+
+    scored = teacher_examples(engine, train, candidates, cache=cache)
+    cut = max(1, int(len(scored) * validation_fraction))
+    validation, training = scored[:cut], scored[cut:]
+    table = KeyTable.from_store(engine.store)
+    domain_of = {adapter_id: record.domain for adapter_id, record in registered.items()}
+
+    heads: dict[str, QueryHead | None] = {"untrained": None}
+    curves = []
+    for variant in variants:
+        settings = TrainingSettings(variant=variant, epochs=epochs, teacher_temperature=teacher_temperature,
+                                    retriever_temperature=retriever_temperature)
+        heads[variant], curve = train_head(training, table, domain_of, engine.encoder.encoder_id, settings, validation)
+        curves.append(curve)
+
+    lm_trained = [curve for curve in curves if curve.variant != "supervised"] or curves
+    chosen = max(lm_trained, key=lambda curve: curve.validation_accuracy[-1]).variant
+    reports = evaluate_heads(engine, heads, test, table, domain_of)
+    return RetrieverRun(heads, curves, reports, chosen, len(training), len(validation), len(test), candidates,
+                        {"epochs": epochs, "teacher_temperature": teacher_temperature,
+                         "retriever_temperature": retriever_temperature})
