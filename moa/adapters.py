@@ -30,6 +30,26 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "moa.json"
 KEYS_FILE = "keys.safetensors"
 
+UNSUPPORTED_VARIANTS = {
+    "use_dora": "DoRA adapters rescale the merged weight by a magnitude vector, which a weighted LoRA sum "
+                "cannot reproduce.",
+    "alora_invocation_tokens": "Activated LoRA applies its update only from the invocation tokens on, which a "
+                               "merged weight cannot do.",
+    "use_qalora": "QA-LoRA feeds the adapter group-pooled inputs, so scaling * B @ A is not its weight update.",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors, which MoA does not read.",
+    "kasa_config": "KaSA inserts a learned diagonal between A and B and truncates the base weight by SVD.",
+    "arrow_config": "Arrow routes between adapters itself, per token.",
+    "monteclora_config": "MonteCLoRA samples its adapter weights at run time.",
+    "fan_in_fan_out": "the weights are stored transposed for Conv1D layers; MoA merges into nn.Linear layers only.",
+    "lora_bias": "a bias on lora_B adds a term that scaling * B @ A does not contain.",
+    "target_parameters": "LoRA on raw parameters rather than Linear modules is not supported.",
+    "trainable_token_indices": "trained embedding rows are not a LoRA delta.",
+}
+"""PEFT LoraConfig fields (PEFT 0.21) whose merge MoA would compute wrongly, with the reason shown on rejection.
+
+rsLoRA (`use_rslora`) is not here because `AdapterInfo.scaling` applies its alpha / sqrt(r) exactly.
+"""
+
 _ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KEY_PATTERN = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -156,9 +176,9 @@ def read_adapter_config(path: Path, adapter_id: AdapterId) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InvalidAdapterError(adapter_id, f"peft_type is {peft_type!r}; only LoRA adapters (\"LORA\") are supported.")
-    if config.get("use_dora"):
-        raise InvalidAdapterError(adapter_id, "DoRA adapters (use_dora=true) rescale the merged weight by a "
-                                              "magnitude vector, which a weighted LoRA sum cannot reproduce.")
+    for variant_field, reason in UNSUPPORTED_VARIANTS.items():
+        if config.get(variant_field):
+            raise InvalidAdapterError(adapter_id, f"{variant_field}={config[variant_field]!r}: {reason}")
     for pattern_field in ("rank_pattern", "alpha_pattern"):
         if config.get(pattern_field):
             raise InvalidAdapterError(adapter_id, f"{pattern_field} is set; per-module ranks or alphas are not supported.")
@@ -252,11 +272,17 @@ def load_lora_weights(info: AdapterInfo) -> LoRAWeights:
         raise InvalidAdapterError(info.adapter_id, f"{WEIGHTS_FILE} is corrupt or unreadable ({error}).") from error
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    source_keys: dict[tuple[str, str], str] = {}  # (module, side) -> the tensor name it was read from
     for key, tensor in tensors.items():
         match = _KEY_PATTERN.match(key)
         if match is None:
             raise InvalidAdapterError(info.adapter_id, f"unexpected tensor {key!r}; only lora_A/lora_B weights are "
                                                        "supported (no DoRA magnitudes, embeddings or biases).")
+        slot = (match["module"], match["side"])
+        if slot in source_keys:  # e.g. "base_model.model.X.lora_A.weight" beside "X.lora_A.default.weight"
+            raise InvalidAdapterError(info.adapter_id, f"tensors {source_keys[slot]!r} and {key!r} are both lora_"
+                                                       f"{slot[1]} of module {slot[0]!r}; keep one naming form.")
+        source_keys[slot] = key
         pairs.setdefault(match["module"], {})[match["side"]] = tensor.float()
 
     modules = {}
