@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import chromadb
+import httpx
 import torch
 from chromadb.config import Settings
 
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 _JSON_FIELDS_KEY = "_json_fields"
 LOCK_TIMEOUT_SECONDS = 10.0
+SERVER_TIMEOUT_SECONDS = 5.0
+"""How long start-up waits for each response of a Chroma server before it reports the server unreachable."""
 
 
 class StoreError(RuntimeError):
@@ -130,22 +133,61 @@ def make_client(store_path: Path | None = None, chroma_url: str | None = None) -
     """Open a local persistent store, or connect to a Chroma server when `chroma_url` is set."""
     settings = Settings(anonymized_telemetry=False)
     if chroma_url:
-        parsed = urlparse(chroma_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise StoreError(f"Invalid Chroma server URL {chroma_url!r}; expected http://HOST:PORT.")
-        try:
-            client = chromadb.HttpClient(host=parsed.hostname, port=parsed.port or 8000,
-                                         ssl=parsed.scheme == "https", settings=settings)
-            client.heartbeat()
-        except Exception as error:  # chromadb raises several unrelated types for connection and version errors
-            raise StoreError(f"Cannot use the Chroma server at {chroma_url}: {error}. Start it with "
-                             "`chroma run --path DIR --port PORT` and check that its version matches "
-                             f"chromadb {chromadb.__version__} here.") from error
-        return client
+        return _connect_server(chroma_url, settings)
     if store_path is None:
         raise StoreError("Either a store path or a Chroma server URL is required.")
     store_path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(store_path), settings=settings)
+
+
+def _connect_server(chroma_url: str, settings: Settings) -> chromadb.api.ClientAPI:
+    """Check the server's heartbeat and version first, because chromadb's own client waits without a timeout."""
+    parsed = urlparse(chroma_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/"):
+        raise StoreError(f"Invalid Chroma server URL {chroma_url!r}; expected http://HOST:PORT.")
+    version = check_server(chroma_url)
+    try:
+        client = chromadb.HttpClient(host=parsed.hostname, port=parsed.port or 8000,
+                                     ssl=parsed.scheme == "https", settings=settings)
+    except Exception as error:  # chromadb raises ValueError, ChromaError or httpx errors here
+        raise StoreError(f"Cannot use the Chroma server at {chroma_url}: {error}. {_server_fix()}") from error
+    logger.info("Connected to the Chroma server at %s (version %s)", chroma_url, version)
+    return client
+
+
+def _server_fix() -> str:
+    return (f"Start one with `chroma run --path DIR --port PORT` from chromadb {chromadb.__version__}, "
+            "or unset MOA_CHROMA_URL and --chroma-url to use a local store.")
+
+
+def check_server(chroma_url: str) -> str:
+    """Return the version a Chroma server reports; raise `StoreError` if it is unreachable or incompatible."""
+    base = chroma_url.rstrip("/")
+    try:
+        with httpx.Client(timeout=SERVER_TIMEOUT_SECONDS) as http:
+            heartbeat = http.get(f"{base}/api/v2/heartbeat")
+            if heartbeat.status_code in (404, 410):  # a server older than the v2 API
+                version = http.get(f"{base}/api/v1/version").raise_for_status().json()
+            else:
+                heartbeat.raise_for_status()
+                version = http.get(f"{base}/api/v2/version").raise_for_status().json()
+    except httpx.TimeoutException:
+        raise StoreError(f"The Chroma server at {chroma_url} did not respond within {SERVER_TIMEOUT_SECONDS:.0f} s. "
+                         f"{_server_fix()}") from None
+    except httpx.TransportError as error:
+        raise StoreError(f"Cannot reach the Chroma server at {chroma_url} ({error}). {_server_fix()}") from error
+    except (httpx.HTTPStatusError, ValueError) as error:  # ValueError: the body is not JSON
+        raise StoreError(f"{chroma_url} returned a response that is not from a Chroma server ({error}). "
+                         f"{_server_fix()}") from error
+
+    server_major = str(version).split(".", 1)[0]
+    client_major = chromadb.__version__.split(".", 1)[0]
+    if server_major != client_major:
+        raise StoreError(f"The Chroma server at {chroma_url} runs version {version}, but this client is chromadb "
+                         f"{chromadb.__version__}, and different major versions are incompatible. Run a chromadb "
+                         f"{client_major}.x server (`chroma run --path DIR --port PORT` from this environment), "
+                         f"or connect to a local store instead.")
+    return str(version)
 
 
 class AdapterStore:
