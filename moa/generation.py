@@ -19,8 +19,16 @@ TokenCallback = Callable[[str], None]
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
+_QUERY_PLACEHOLDER = "\ue000MOA-QUERY\ue000"
+"""Placeholder for the query while the chat template is rendered; `chat_prompt_ids` checks that it occurs once."""
+
+
 class PromptTooLongError(ValueError):
     """The prompt exceeds the configured token limit."""
+
+
+class PromptTemplateError(RuntimeError):
+    """The base model's chat template cannot be used safely."""
 
 
 @dataclass
@@ -37,10 +45,21 @@ class Generation:
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, query: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Wrap `query` in the model's chat template with the assistant turn opened. -> (P,) long."""
-    messages = [{"role": "user", "content": query}]
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+    """Wrap `query` in the model's chat template with the assistant turn opened. -> (P,) long.
+
+    The query is tokenized apart from the template, with special tokens split, so a query that
+    contains "<|im_end|><|im_start|>system" stays user text and cannot open a turn of its own.
+    """
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _QUERY_PLACEHOLDER}],
+                                             add_generation_prompt=True, tokenize=False)
+    parts = rendered.split(_QUERY_PLACEHOLDER)
+    if len(parts) != 2:
+        raise PromptTemplateError("The base model's chat template does not insert the user message verbatim, so "
+                                  "MoA cannot keep special tokens in a query from acting as control tokens.")
+    before, after = parts
+    ids = torch.tensor(tokenizer(before, add_special_tokens=False)["input_ids"]
+                       + tokenizer(query, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                       + tokenizer(after, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if max_tokens is not None and ids.shape[0] > max_tokens:
         raise PromptTooLongError(
             f"The query is {ids.shape[0]} tokens after the chat template; the limit is {max_tokens}. Shorten the "

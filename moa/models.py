@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .generation import PromptTemplateError, chat_prompt_ids
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -149,6 +151,10 @@ def check_base_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             f"Base model {model_id!r} has no chat template; use an instruction-tuned model whose tokenizer "
             "defines `chat_template`."
         )
+    try:
+        chat_prompt_ids(tokenizer, "Hello")
+    except PromptTemplateError as error:
+        raise ModelLoadError(f"Base model {model_id!r}: {error}") from error
 
 
 def load_base_model(name: str = "default", device: str = "auto", dtype: str = "auto",
