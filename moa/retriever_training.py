@@ -244,19 +244,27 @@ def loss_for_batch(head: QueryHead, table: KeyTable, batch: Sequence[TeacherExam
 class TrainingCurve:
     variant: str
     loss: list[float] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
     validation_accuracy: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    """1-based epoch whose head is kept: the lowest validation loss, or the last epoch without validation."""
 
 
 def train_head(examples: Sequence[TeacherExample], table: KeyTable, domain_of: dict[str, str], encoder_id: str,
                settings: TrainingSettings, validation: Sequence[TeacherExample] = ()) -> tuple[QueryHead, TrainingCurve]:
-    """Fit a query head on precomputed teacher scores. Cheap: the encoder and the LM are not run here."""
+    """Fit a query head on precomputed teacher scores. Cheap: the encoder and the LM are not run here.
+
+    The head kept is the one from the epoch with the lowest validation loss under the variant's own
+    objective, so the LM-trained variants never see a domain label.
+    """
     torch.manual_seed(settings.seed)
     head = QueryHead(table.keys.shape[1], encoder_id, settings.variant)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     curve = TrainingCurve(settings.variant)
     order = list(range(len(examples)))
     rng = random.Random(settings.seed)
-    for _ in range(settings.epochs):
+    best_state = None
+    for epoch in range(1, settings.epochs + 1):
         rng.shuffle(order)
         losses = []
         for start in range(0, len(order), settings.batch_size):
@@ -267,8 +275,20 @@ def train_head(examples: Sequence[TeacherExample], table: KeyTable, domain_of: d
             optimizer.step()
             losses.append(loss.item())
         curve.loss.append(sum(losses) / len(losses))
-        if validation:
-            curve.validation_accuracy.append(routing_accuracy(head, table, validation, domain_of)["acc@1"])
+        if not validation:
+            continue
+
+        with torch.no_grad():
+            curve.validation_loss.append(loss_for_batch(head, table, validation, settings, domain_of).item())
+        curve.validation_accuracy.append(routing_accuracy(head, table, validation, domain_of)["acc@1"])
+        if best_state is None or curve.validation_loss[-1] < curve.validation_loss[curve.best_epoch - 1]:
+            curve.best_epoch = epoch
+            best_state = {name: tensor.clone() for name, tensor in head.state_dict().items()}
+
+    if best_state is None:
+        curve.best_epoch = settings.epochs
+    else:
+        head.load_state_dict(best_state)
     return head.eval(), curve
 
 
@@ -363,12 +383,20 @@ def save_curves(curves: Sequence[TrainingCurve], path: Path) -> None:
 
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     for curve in curves:
-        loss_axis.plot(range(1, len(curve.loss) + 1), curve.loss, label=curve.variant)
+        epochs = range(1, len(curve.loss) + 1)
+        line, = loss_axis.plot(epochs, curve.loss, label=f"{curve.variant} (train)")
+        if curve.validation_loss:
+            loss_axis.plot(epochs, curve.validation_loss, linestyle="--", color=line.get_color(),
+                           label=f"{curve.variant} (validation)")
         if curve.validation_accuracy:
-            accuracy_axis.plot(range(1, len(curve.validation_accuracy) + 1), curve.validation_accuracy, label=curve.variant)
-    loss_axis.set(xlabel="epoch", ylabel="training loss", title="Loss (each variant on its own scale)")
+            accuracy_axis.plot(epochs, curve.validation_accuracy, color=line.get_color(), label=curve.variant)
+            accuracy_axis.plot([curve.best_epoch], [curve.validation_accuracy[curve.best_epoch - 1]], marker="o",
+                               color=line.get_color())
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss (each variant on its own scale)")
+    loss_axis.legend(fontsize=7)
     loss_axis.set_yscale("log")
-    accuracy_axis.set(xlabel="epoch", ylabel="routing accuracy@1", title="Validation routing accuracy@1")
+    accuracy_axis.set(xlabel="epoch", ylabel="routing accuracy@1",
+                      title="Validation routing accuracy@1 (dot: kept epoch)")
     accuracy_axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,7 +422,9 @@ class RetrieverRun:
         return {"chosen": self.chosen, "train_queries": self.train_queries,
                 "validation_queries": self.validation_queries, "test_queries": self.test_queries,
                 "candidates": self.candidates, "settings": self.settings,
-                "curves": {c.variant: {"loss": c.loss, "validation_acc@1": c.validation_accuracy} for c in self.curves},
+                "curves": {c.variant: {"loss": c.loss, "validation_loss": c.validation_loss,
+                                          "validation_acc@1": c.validation_accuracy, "best_epoch": c.best_epoch}
+                           for c in self.curves},
                 "test": {name: vars(report) for name, report in self.reports.items()}}
 
 
@@ -428,7 +458,7 @@ def train_retriever(engine, train: Sequence, test: Sequence, candidates: int = 8
         curves.append(curve)
 
     lm_trained = [curve for curve in curves if curve.variant != "supervised"] or curves
-    chosen = max(lm_trained, key=lambda curve: curve.validation_accuracy[-1]).variant
+    chosen = max(lm_trained, key=lambda curve: curve.validation_accuracy[curve.best_epoch - 1]).variant
     reports = evaluate_heads(engine, heads, test, table, domain_of)
     return RetrieverRun(heads, curves, reports, chosen, len(training), len(validation), len(test), candidates,
                         {"epochs": epochs, "teacher_temperature": teacher_temperature,

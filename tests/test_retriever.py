@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from moa import retriever_training
 from moa.corpus import Example
 from moa.retriever_training import (KeyTable, QueryHead, TeacherExample, TrainingSettings, load_query_head,
-                                    routing_accuracy, teacher_examples, teacher_targets, train_head, train_retriever)
+                                    routing_accuracy, save_curves, teacher_examples, teacher_targets, train_head,
+                                    train_retriever)
 from moa.weighting import leave_one_out_weights, relevance_weights
 
 from conftest import TINY_DOMAINS
@@ -139,6 +140,7 @@ def test_head_learns_the_teacher_preference(variant):
     assert routing_accuracy(head, table, validation, domain_of)["acc@1"] >= 0.9
     assert curve.loss[-1] < curve.loss[0]
     assert len(curve.validation_accuracy) == 60
+    assert curve.best_epoch == 1 + curve.validation_loss.index(min(curve.validation_loss))
 
 
 def test_settings_reject_bad_values():
@@ -167,6 +169,8 @@ def test_train_retriever_end_to_end(tiny_engine, tmp_path):
     report = result.to_json()
     assert report["test_queries"] == 3
     assert set(report["curves"]) == {"pdist", "loop", "emdr", "supervised"}
+    save_curves(result.curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
 def test_train_retriever_rejects_too_many_candidates(tiny_engine):
