@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--description", help="retrieval description written to the copy's moa.json (single adapter)")
     _add_global_options(importer)
 
+    importer = commands.add_parser("import", help="copy external PEFT adapters into the library and register them")
+    importer.add_argument("source", help="a PEFT adapter folder, a folder of them, or a Hugging Face repo id")
+    importer.add_argument("--id", dest="adapter_id", help="adapter id for a single adapter (default: its folder or "
+                                                          "repo name)")
+    importer.add_argument("--description", help="retrieval description written to the copy's moa.json (single adapter)")
+    _add_global_options(importer)
+
     remove = commands.add_parser("remove", help="unregister adapters (their folders are kept)")
     remove.add_argument("ids", nargs="+", metavar="ID", help="adapter id as shown by `moa list`")
     _add_global_options(remove)
@@ -212,6 +219,17 @@ def run_index(args: argparse.Namespace) -> None:
     print(f"added {len(report.added)}, updated {len(report.updated)}, removed {len(report.removed)}, "
           f"unchanged {len(report.unchanged)}")
     for label, ids in (("added", report.added), ("updated", report.updated), ("removed", report.removed)):
+        if ids:
+            print(f"  {label}: {', '.join(ids)}")
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from .engine import MoA
+
+    engine = MoA.from_config(_config(args), index_default_library=False)
+    report = engine.import_adapters(args.source, args.adapter_id, args.description)
+    print(f"imported {len(report.imported)} into {report.library}, unchanged {len(report.unchanged)}")
+    for label, ids in (("imported", report.imported), ("unchanged", report.unchanged)):
         if ids:
             print(f"  {label}: {', '.join(ids)}")
 
@@ -414,6 +432,7 @@ COMMANDS = {
     "library-report": run_library_report,
     "query": run_query,
     "index": run_index,
+    "import": run_import,
     "import": run_import,
     "list": run_list,
     "remove": run_remove,

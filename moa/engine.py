@@ -18,6 +18,7 @@ from .contribution import Contributions, compute_contributions
 from .encoder import Encoder
 from .error import teacher_forced_errors
 from .generation import Generation, TokenCallback, answer_ids, chat_prompt_ids, generate, token_texts
+from .importing import ImportReport, import_adapters
 from .indexing import index_folder
 from .merging import MERGE_METHODS, Mixer, combine
 from .models import BaseModel, load_base_model, shapes_of_linear_modules
@@ -100,6 +101,12 @@ class MoA:
 
     def index(self, folder: Path, skip_invalid: bool = False) -> IndexReport:
         return index_folder(folder, self.store, self.encoder, self.module_shapes, skip_invalid)
+
+    def import_adapters(self, source: str, adapter_id: str | None = None, description: str | None = None,
+                        hub_cache: Path | None = None) -> ImportReport:
+        """Copy the adapters of a folder or hub repo into the library folder and register them (see `moa.importing`)."""
+        return import_adapters(source, self.config.adapters_dir, self.store, self.encoder, self.module_shapes,
+                               adapter_id, description, hub_cache)
 
     def adapter_info(self, record: AdapterRecord) -> AdapterInfo:
         """Read an adapter's folder once per fingerprint, so warm requests touch no disk."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterInfo, InvalidAdapterError, is_adapter_folder, load_lora_weights, read_adapter, validate_adapter
+from .adapters import (AdapterId, AdapterInfo, InvalidAdapterError, is_adapter_folder, load_lora_weights, read_adapter,
+                       validate_adapter)
 from .encoder import Encoder
 from .store import AdapterStore, IndexReport
 
@@ -42,15 +43,21 @@ def adapter_keys(info: AdapterInfo, encoder: Encoder) -> torch.Tensor:
     return encoder.encode(texts)
 
 
+def validate_folder(folder: Path, store: AdapterStore, encoder: Encoder, module_shapes: dict[str, tuple[int, int]],
+                    adapter_id: AdapterId | None = None) -> Candidate:
+    """Read and validate one adapter folder and compute its keys; raise `InvalidAdapterError` if it is rejected."""
+    info = read_adapter(folder, adapter_id)
+    validate_adapter(info, load_lora_weights(info), store.model_id, module_shapes)
+    return Candidate(info, adapter_keys(info, encoder))
+
+
 def prepare(folders: Sequence[Path], store: AdapterStore, encoder: Encoder,
             module_shapes: dict[str, tuple[int, int]]) -> tuple[list[Candidate], list[InvalidAdapterError]]:
     """Read and validate adapter folders without touching the store. Returns the accepted and the rejections."""
     accepted, rejected = [], []
     for folder in folders:
         try:
-            info = read_adapter(folder)
-            validate_adapter(info, load_lora_weights(info), store.model_id, module_shapes)
-            accepted.append(Candidate(info, adapter_keys(info, encoder)))
+            accepted.append(validate_folder(folder, store, encoder, module_shapes))
         except InvalidAdapterError as error:
             rejected.append(error)
     return accepted, rejected

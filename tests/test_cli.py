@@ -22,7 +22,7 @@ def cli_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("command", ["query", "index", "list", "remove", "build-corpus", "train-experts"])
+@pytest.mark.parametrize("command", ["query", "index", "import", "list", "remove", "build-corpus", "train-experts"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
