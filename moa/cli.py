@@ -82,13 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--description", help="retrieval description written to the copy's moa.json (single adapter)")
     _add_global_options(importer)
 
-    importer = commands.add_parser("import", help="copy external PEFT adapters into the library and register them")
-    importer.add_argument("source", help="a PEFT adapter folder, a folder of them, or a Hugging Face repo id")
-    importer.add_argument("--id", dest="adapter_id", help="adapter id for a single adapter (default: its folder or "
-                                                          "repo name)")
-    importer.add_argument("--description", help="retrieval description written to the copy's moa.json (single adapter)")
-    _add_global_options(importer)
-
     remove = commands.add_parser("remove", help="unregister adapters (their folders are kept)")
     remove.add_argument("ids", nargs="+", metavar="ID", help="adapter id as shown by `moa list`")
     _add_global_options(remove)
@@ -392,7 +385,7 @@ def run_train_retriever(args: argparse.Namespace) -> None:
     from .engine import MoA
     from .evaluation import load_queries
     from .experts import load_splits
-    from .retriever_training import DEFAULT_HEAD_PATH, save_curves, train_retriever
+    from .retriever_training import DEFAULT_HEAD_PATH, report_markdown, save_curves, train_retriever
     from .specialisation import sample_by_domain
 
     if args.candidates < 8:
@@ -418,10 +411,7 @@ def run_train_retriever(args: argparse.Namespace) -> None:
     report = result.to_json() | {"saved_to": str(out)}
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
-    for name, test_report in result.reports.items():
-        print(f"{name:<11} acc@1 {test_report.routing['acc@1']:.3f}  acc@3 {test_report.routing['acc@3']:.3f}  "
-              f"MRR {test_report.routing['mrr']:.3f}  without-own acc@1 {test_report.without_own_expert['acc@1']:.3f}  "
-              f"merged NLL {test_report.merged_nll:.3f}")
+    print(report_markdown(report))
     print(f"saved the {result.chosen} head to {out}")
 
 
@@ -432,7 +422,6 @@ COMMANDS = {
     "library-report": run_library_report,
     "query": run_query,
     "index": run_index,
-    "import": run_import,
     "import": run_import,
     "list": run_list,
     "remove": run_remove,

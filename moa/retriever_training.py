@@ -463,3 +463,21 @@ def train_retriever(engine, train: Sequence, test: Sequence, candidates: int = 8
     return RetrieverRun(heads, curves, reports, chosen, len(training), len(validation), len(test), candidates,
                         {"epochs": epochs, "teacher_temperature": teacher_temperature,
                          "retriever_temperature": retriever_temperature})
+
+
+def report_markdown(report: dict) -> str:
+    """Render a `RetrieverRun.to_json()` report as Markdown tables: test metrics, then the training curves."""
+    lines = ["| retriever | acc@1 | acc@3 | MRR | acc@1 without own expert | acc@3 without own expert | "
+             "merged NLL (top-3) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in report["test"].items():
+        routing, without = row["routing"], row["without_own_expert"]
+        marker = " (shipped)" if name == report["chosen"] else ""
+        lines.append(f"| {name}{marker} | {routing['acc@1']:.3f} | {routing['acc@3']:.3f} | {routing['mrr']:.3f} | "
+                     f"{without['acc@1']:.3f} | {without['acc@3']:.3f} | {row['merged_nll']:.3f} |")
+    lines += ["", "| variant | kept epoch | train loss (first → kept) | validation loss (kept) | "
+              "validation acc@1 (kept) |", "| --- | --- | --- | --- | --- |"]
+    for variant, curve in report["curves"].items():
+        best = curve["best_epoch"]
+        lines.append(f"| {variant} | {best} | {curve['loss'][0]:.4f} → {curve['loss'][best - 1]:.4f} | "
+                     f"{curve['validation_loss'][best - 1]:.4f} | {curve['validation_acc@1'][best - 1]:.3f} |")
+    return "\n".join(lines)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from moa import retriever_training
 from moa.corpus import Example
 from moa.retriever_training import (KeyTable, QueryHead, TeacherExample, TrainingSettings, load_query_head,
-                                    routing_accuracy, save_curves, teacher_examples, teacher_targets, train_head,
-                                    train_retriever)
+                                    report_markdown, routing_accuracy, save_curves, teacher_examples, teacher_targets,
+                                    train_head, train_retriever)
 from moa.weighting import leave_one_out_weights, relevance_weights
 
 from conftest import TINY_DOMAINS
@@ -169,6 +169,9 @@ def test_train_retriever_end_to_end(tiny_engine, tmp_path):
     report = result.to_json()
     assert report["test_queries"] == 3
     assert set(report["curves"]) == {"pdist", "loop", "emdr", "supervised"}
+    table = report_markdown(report)
+    assert f"| {result.chosen} (shipped) |" in table
+    assert "| supervised |" in table
     save_curves(result.curves, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
