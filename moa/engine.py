@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -72,7 +73,9 @@ class MoA:
         self.cache = AdapterCache(config.adapter_cache_size, base.device, base.dtype)
         self.module_shapes = shapes_of_linear_modules(base.model)
         self.lock = threading.Lock()
-        self._infos: dict[str, tuple[str, AdapterInfo]] = {}
+        self.adapter_infos: OrderedDict[str, tuple[str, AdapterInfo]] = OrderedDict()
+        """Adapter folders read so far, by id, with the fingerprint read: an LRU as large as the weight cache."""
+        self._infos_lock = threading.Lock()
         self.query_head = None  # a trained retriever head, set by `moa.retriever_training.load_query_head`
 
     @classmethod
@@ -109,12 +112,22 @@ class MoA:
                                adapter_id, description, hub_cache)
 
     def adapter_info(self, record: AdapterRecord) -> AdapterInfo:
-        """Read an adapter's folder once per fingerprint, so warm requests touch no disk."""
-        cached = self._infos.get(record.adapter_id)
-        if cached is not None and cached[0] == record.fingerprint:
-            return cached[1]
+        """Read an adapter's folder once per fingerprint, so warm requests touch no disk.
+
+        The records are kept in an LRU of `adapter_cache_size` entries, like the weights, so memory
+        stays bounded however many adapters a long-running process serves.
+        """
+        with self._infos_lock:
+            cached = self.adapter_infos.get(record.adapter_id)
+            if cached is not None and cached[0] == record.fingerprint:
+                self.adapter_infos.move_to_end(record.adapter_id)
+                return cached[1]
         info = read_adapter(Path(record.path), record.adapter_id)
-        self._infos[record.adapter_id] = (record.fingerprint, info)
+        with self._infos_lock:
+            self.adapter_infos[record.adapter_id] = (record.fingerprint, info)
+            self.adapter_infos.move_to_end(record.adapter_id)
+            while len(self.adapter_infos) > self.config.adapter_cache_size:
+                self.adapter_infos.popitem(last=False)
         return info
 
     def load_weights(self, records: Sequence[AdapterRecord]) -> list[LoRAWeights]:
