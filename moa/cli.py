@@ -142,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown file to write ('-' prints it)")
     _add_global_options(bench)
 
+    scale = commands.add_parser("bench-scale", help="measure registration, query latency and memory with many "
+                                                    "generated adapters")
+    scale.add_argument("--adapters", type=int, default=10_000, help="number of generated adapters")
+    scale.add_argument("--rank", type=int, default=1, help="LoRA rank of each generated adapter")
+    scale.add_argument("--retrieval-queries", type=int, default=200, help="queries timed through retrieval alone")
+    scale.add_argument("--route-queries", type=int, default=20, help="queries timed through the whole loop")
+    scale.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per routed query")
+    scale.add_argument("--cache-size", type=int, default=None, help="adapters kept by the LRU weight cache "
+                                                                     "(default: the adapter_cache_size setting)")
+    scale.add_argument("--scratch", default=None, help="folder for the generated adapters and store, deleted "
+                                                      "afterwards (default: the system's temporary folder)")
+    scale.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown file whose Scale section is replaced "
+                                                                  "('-' prints it)")
+    _add_global_options(scale)
+
     retriever = commands.add_parser("train-retriever", help="train the query side of the retriever from LM scores")
     retriever.add_argument("--queries", help="JSONL of {\"query\", \"reference\", \"domains\"?} (default: corpus train split)")
     retriever.add_argument("--corpus", default="data/corpus", help="corpus folder (train split for training, test for the report)")
@@ -368,6 +383,24 @@ def run_bench(args: argparse.Namespace) -> None:
     print(text)
 
 
+def run_bench_scale(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .benchmark import machine_description
+    from .scale import ScaleSettings, bench_scale, markdown
+
+    settings = ScaleSettings(adapters=args.adapters, rank=args.rank, retrieval_queries=args.retrieval_queries,
+                             route_queries=args.route_queries, max_new_tokens=args.max_new_tokens)
+    config = _config(args)
+    if args.cache_size is not None:
+        config = dataclasses.replace(config, adapter_cache_size=args.cache_size)
+    result = bench_scale(config, settings, Path(args.scratch) if args.scratch else None)
+    text = markdown(result, "moa bench-scale " + " ".join(sys.argv[2:]), machine_description())
+    if args.out != "-":
+        write_section(Path(args.out), "Scale", text)
+    print(text)
+
+
 def write_section(path: Path, section: str, text: str) -> None:
     """Replace the `## {section}` section of a Markdown file, keeping every other section."""
     header = f"## {section}"
@@ -418,6 +451,7 @@ def run_train_retriever(args: argparse.Namespace) -> None:
 COMMANDS = {
     "train-retriever": run_train_retriever,
     "bench": run_bench,
+    "bench-scale": run_bench_scale,
     "eval": run_eval,
     "library-report": run_library_report,
     "query": run_query,

@@ -36,6 +36,7 @@ from moa.generation import chat_prompt_ids
 from moa.importing import AdapterSourceError, ImportRejectedError
 from moa.indexing import index_folder
 from moa.models import shapes_of_linear_modules
+from moa.scale import ScaleSettings, run_scale_bench
 from moa.store import SERVER_TIMEOUT_SECONDS, AdapterStore, StoreError, check_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -722,3 +723,39 @@ def test_prompt_override_stays_user_text(tiny_engine):
     trace = tiny_engine.route(injection, RouteSettings(max_new_tokens=6, max_iterations=1))
     assert trace.query == injection
     assert len(trace.iterations[0].answer_tokens) <= 6
+
+
+# ---- scale ----------------------------------------------------------------------------------------
+
+
+def test_scale_bench_cache_stays_bounded(tiny_base, encoder, moa_config, tmp_path):
+    config = dataclasses.replace(moa_config, adapter_cache_size=4)
+    settings = ScaleSettings(adapters=20, retrieval_queries=10, route_queries=3, max_new_tokens=2)
+    result = run_scale_bench(tiny_base, encoder, config, tmp_path / "scale", settings)
+
+    rows = result.rows
+    assert rows["registration throughput (adapters/s)"] > 0
+    assert 0 < rows["retrieve top-k, median (ms)"] <= rows["retrieve top-k, p95 (ms)"]
+    assert 0 < rows["route, 2 new tokens, median (ms)"] <= rows["route, 2 new tokens, p95 (ms)"]
+    assert result.target_module == "model.layers.0.self_attn.q_proj"
+    assert [point.loaded for point in result.memory] == list(range(0, 21, 2))
+    for point in result.memory:
+        assert point.cached_adapters <= 4
+        assert point.cached_infos <= 4
+    assert result.memory[-1].cached_adapters == 4
+    assert len(list((tmp_path / "scale" / "adapters").iterdir())) == 20
+
+
+def test_bench_scale_command_writes_section(tiny_model_folder, cli_home, tmp_path, capsys):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n## CPU\n\nearlier figures\n")
+    assert main(["bench-scale", "--adapters", "20", "--retrieval-queries", "5", "--route-queries", "2",
+                 "--max-new-tokens", "2", "--cache-size", "3", "--scratch", str(tmp_path), "--out", str(out),
+                 "--base-model", str(tiny_model_folder)]) == 0
+    text = out.read_text()
+    assert "## CPU\n\nearlier figures" in text
+    assert "## Scale" in text
+    assert "20 generated adapters, rank 1" in text
+    assert "| 20 | " in text  # the last row of the memory curve
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith("moa-scale-")]
+    assert "registration throughput" in capsys.readouterr().out
