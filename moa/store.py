@@ -236,8 +236,8 @@ class AdapterStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def count(self) -> int:
-        """Return the number of registered adapters."""
-        return len(self.adapters())
+        """Return the number of registered adapters, from their first key records' ids alone (no metadata)."""
+        return len(self.collection.get(where={"key_index": 0}, include=[])["ids"])
 
     def adapters(self) -> dict[AdapterId, AdapterRecord]:
         """Return every registered adapter, keyed by id."""
