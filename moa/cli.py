@@ -160,14 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     retriever = commands.add_parser("train-retriever", help="train the query side of the retriever from LM scores")
     retriever.add_argument("--queries", help="JSONL of {\"query\", \"reference\", \"domains\"?} (default: corpus train split)")
     retriever.add_argument("--corpus", default="data/corpus", help="corpus folder (train split for training, test for the report)")
-    retriever.add_argument("--per-domain", type=int, default=24, help="training queries per domain")
+    retriever.add_argument("--per-domain", type=int, default=64, help="training queries per domain")
+    retriever.add_argument("--validation-per-domain", type=int, default=6,
+                           help="validation-split queries per domain, for picking epochs, T_s and the shipped variant")
     retriever.add_argument("--test-per-domain", type=int, default=8, help="test queries per domain for the report")
     retriever.add_argument("--candidates", type=int, default=8, help="K adapters retrieved per query (>= 8)")
     retriever.add_argument("--variants", nargs="+", default=["pdist", "loop", "emdr", "supervised"],
-                           help="objectives to train: pdist loop emdr supervised")
+                           choices=["pdist", "loop", "emdr", "supervised"], help="losses to train and compare")
     retriever.add_argument("--epochs", type=int, default=40, help="passes over the teacher-scored queries")
+    retriever.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate of the head")
+    retriever.add_argument("--rank", type=int, default=16, help="rank of the head's residual map (0: dense)")
     retriever.add_argument("--teacher-temperature", type=float, default=0.01, help="T_g of the target distribution")
-    retriever.add_argument("--retriever-temperature", type=float, default=0.01, help="T_s of the retriever distribution")
+    retriever.add_argument("--retriever-temperature", type=float, nargs="+", default=[0.01, 0.05],
+                           help="T_s of the retriever distribution; with several, each variant keeps the best on "
+                                "validation")
     retriever.add_argument("--out", default=None, help="where the best head is saved (default retriever/query_head.safetensors)")
     retriever.add_argument("--report", default="docs/retriever_report.json", help="JSON file with every number")
     retriever.add_argument("--curves", default="assets/retriever_curves.png", help="PNG of the training curves")
@@ -418,7 +424,8 @@ def run_train_retriever(args: argparse.Namespace) -> None:
     from .engine import MoA
     from .evaluation import load_queries
     from .experts import load_splits
-    from .retriever_training import DEFAULT_HEAD_PATH, report_markdown, save_curves, train_retriever
+    from .retriever_training import (DEFAULT_HEAD_PATH, TrainingSettings, report_markdown, save_curves,
+                                     train_retriever)
     from .specialisation import sample_by_domain
 
     if args.candidates < 8:
@@ -430,14 +437,18 @@ def run_train_retriever(args: argparse.Namespace) -> None:
     else:
         train = [e for examples in sample_by_domain(splits["train"], args.per_domain).values() for e in examples]
     random.Random(0).shuffle(train)
-    if "test" not in splits:
-        raise CommandError(f"Corpus folder {args.corpus} has no test.jsonl for the report; rebuild it with "
-                           "`moa build-corpus`.")
+    missing = [name for name in ("validation", "test") if name not in splits]
+    if missing:
+        raise CommandError(f"Corpus folder {args.corpus} has no {' or '.join(m + '.jsonl' for m in missing)}; "
+                           "rebuild it with `moa build-corpus`.")
+    validation = [e for examples in sample_by_domain(splits["validation"], args.validation_per_domain, seed=2).values()
+                  for e in examples]
     test = [e for examples in sample_by_domain(splits["test"], args.test_per_domain, seed=1).values() for e in examples]
 
-    result = train_retriever(engine, train, test, args.candidates, args.variants, args.epochs,
-                             args.teacher_temperature, args.retriever_temperature,
-                             cache=Path(args.cache) if args.cache else None)
+    settings = TrainingSettings(epochs=args.epochs, learning_rate=args.learning_rate, rank=args.rank,
+                                teacher_temperature=args.teacher_temperature)
+    result = train_retriever(engine, train, validation, test, args.candidates, args.variants, settings,
+                             args.retriever_temperature, cache=Path(args.cache) if args.cache else None)
     out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
     result.heads[result.chosen].save(out)
     save_curves(result.curves, Path(args.curves))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,30 +41,52 @@ VARIANTS = ("pdist", "loop", "emdr", "supervised")
 
 
 class QueryHead(torch.nn.Module):
-    """q ↦ normalize(q + W q + b): starts as the identity, so an untrained head changes nothing."""
+    """q ↦ normalize(q + W q + b): starts as the identity, so an untrained head changes nothing.
 
-    def __init__(self, dim: int, encoder_id: str = "", variant: str = "") -> None:
+    With `rank`, W is trained as a low-rank product B A (rank × dim parameters each), which a few
+    hundred teacher-scored queries can fit without memorising them. It is saved as the dense W.
+    """
+
+    def __init__(self, dim: int, encoder_id: str = "", variant: str = "", rank: int = 0) -> None:
         super().__init__()
-        self.linear = torch.nn.Linear(dim, dim)
-        torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
+        if not 0 <= rank <= dim:
+            raise ValueError(f"rank must be between 0 (a dense map) and the embedding size {dim}, got {rank}.")
+        self.rank = rank
+        if rank:
+            self.down = torch.nn.Linear(dim, rank, bias=False)  # A: random, as LoRA initialises it
+            self.up = torch.nn.Linear(rank, dim)  # B: zero, so B A starts at 0
+            torch.nn.init.zeros_(self.up.weight)
+            torch.nn.init.zeros_(self.up.bias)
+        else:
+            self.linear = torch.nn.Linear(dim, dim)
+            torch.nn.init.zeros_(self.linear.weight)
+            torch.nn.init.zeros_(self.linear.bias)
         self.null_score = torch.nn.Parameter(torch.tensor(0.0))
         """Similarity-scale score of the "no adapter" candidate."""
         self.encoder_id = encoder_id
         self.variant = variant
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        return F.normalize(queries + self.linear(queries), dim=-1)  # (n, dim)
+        offset = self.up(self.down(queries)) if self.rank else self.linear(queries)  # (n, dim)
+        return F.normalize(queries + offset, dim=-1)
 
     @torch.no_grad()
     def transform(self, queries: torch.Tensor) -> torch.Tensor:
         return self.forward(queries.float())
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W (dim, dim) and b (dim,) of the residual map, whatever the training parametrisation."""
+        if self.rank:
+            return self.up.weight @ self.down.weight, self.up.bias
+        return self.linear.weight, self.linear.bias
+
     def save(self, path: Path) -> None:
+        weight, bias = self.dense()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.linear.weight.detach().contiguous(), "bias": self.linear.bias.detach().contiguous(),
+        tensors = {"weight": weight.detach().contiguous(), "bias": bias.detach().contiguous(),
                    "null_score": self.null_score.detach().reshape(1)}
-        save_file(tensors, str(path), metadata={"encoder": self.encoder_id, "variant": self.variant})
+        save_file(tensors, str(path), metadata={"encoder": self.encoder_id, "variant": self.variant,
+                                                "rank": str(self.rank)})
 
 
 def load_query_head(path: Path | None, encoder: Encoder) -> QueryHead | None:
@@ -193,6 +215,8 @@ class TrainingSettings:
     """T_s: temperature of the retriever's distribution over candidates."""
     supervised_temperature: float = 0.05
     weight_decay: float = 0.0
+    rank: int = 0
+    """Rank of the trained residual map; 0 trains a dense dim × dim map."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -200,6 +224,8 @@ class TrainingSettings:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}.")
         if self.teacher_temperature <= 0 or self.retriever_temperature <= 0:
             raise ValueError("teacher_temperature and retriever_temperature must be > 0.")
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0 (0 trains a dense map), got {self.rank}.")
 
 
 def candidate_scores(head: QueryHead, table: KeyTable, batch: Sequence[TeacherExample]) -> torch.Tensor:
@@ -258,7 +284,7 @@ def train_head(examples: Sequence[TeacherExample], table: KeyTable, domain_of: d
     objective, so the LM-trained variants never see a domain label.
     """
     torch.manual_seed(settings.seed)
-    head = QueryHead(table.keys.shape[1], encoder_id, settings.variant)
+    head = QueryHead(table.keys.shape[1], encoder_id, settings.variant, settings.rank)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     curve = TrainingCurve(settings.variant)
     order = list(range(len(examples)))
@@ -412,6 +438,8 @@ class RetrieverRun:
     curves: list[TrainingCurve]
     reports: dict[str, HeadReport]
     chosen: str
+    grid: list[dict]
+    """One row per (variant, T_s) tried: the kept epoch and its validation accuracy@1."""
     train_queries: int
     validation_queries: int
     test_queries: int
@@ -421,48 +449,67 @@ class RetrieverRun:
     def to_json(self) -> dict:
         return {"chosen": self.chosen, "train_queries": self.train_queries,
                 "validation_queries": self.validation_queries, "test_queries": self.test_queries,
-                "candidates": self.candidates, "settings": self.settings,
+                "candidates": self.candidates, "settings": self.settings, "grid": self.grid,
                 "curves": {c.variant: {"loss": c.loss, "validation_loss": c.validation_loss,
-                                          "validation_acc@1": c.validation_accuracy, "best_epoch": c.best_epoch}
+                                       "validation_acc@1": c.validation_accuracy, "best_epoch": c.best_epoch}
                            for c in self.curves},
                 "test": {name: vars(report) for name, report in self.reports.items()}}
 
 
-def train_retriever(engine, train: Sequence, test: Sequence, candidates: int = 8, variants: Sequence[str] = VARIANTS,
-                    epochs: int = 40, teacher_temperature: float = 0.01, retriever_temperature: float = 0.01,
-                    cache: Path | None = None, validation_fraction: float = 0.1) -> RetrieverRun:
-    """Score the training queries with the LM, train one head per variant, and test them all.
+def train_retriever(engine, train: Sequence, validation: Sequence, test: Sequence, candidates: int = 8,
+                    variants: Sequence[str] = VARIANTS, settings: TrainingSettings | None = None,
+                    retriever_temperatures: Sequence[float] = (0.01,), cache: Path | None = None) -> RetrieverRun:
+    """Score the training and validation queries with the LM, train the heads, and test them all.
 
-    The head to ship is the LM-trained variant (PDist, LOOP or EMDR²) with the best validation
-    accuracy@1; the supervised head is trained as a baseline only.
+    Each LM-trained variant (PDist, LOOP, EMDR²) is trained once per retriever temperature T_s and
+    keeps the one with the best validation accuracy@1. The head to ship is the LM-trained variant
+    with the best validation accuracy@1; the supervised head is a baseline only.
     """
     registered = engine.store.adapters()
     if candidates > len(registered):
         raise ValueError(f"candidates={candidates} is more than the {len(registered)} registered adapters; "
                          "register more adapters or lower the number of candidates.")
-    if not train or not test:
-        raise ValueError(f"Retriever training needs training and test queries, got {len(train)} and {len(test)}.")
+    if not train or not validation or not test:
+        raise ValueError("Retriever training needs training, validation and test queries, got "
+                         f"{len(train)}, {len(validation)} and {len(test)}.")
+    settings = settings or TrainingSettings()
 
-    scored = teacher_examples(engine, train, candidates, cache=cache)
-    cut = max(1, int(len(scored) * validation_fraction))
-    validation, training = scored[:cut], scored[cut:]
+    scored = teacher_examples(engine, list(train) + list(validation), candidates, cache=cache)
+    training, held_out = scored[:len(train)], scored[len(train):]
     table = KeyTable.from_store(engine.store)
     domain_of = {adapter_id: record.domain for adapter_id, record in registered.items()}
 
     heads: dict[str, QueryHead | None] = {"untrained": None}
-    curves = []
+    curves, grid = [], []
     for variant in variants:
-        settings = TrainingSettings(variant=variant, epochs=epochs, teacher_temperature=teacher_temperature,
-                                    retriever_temperature=retriever_temperature)
-        heads[variant], curve = train_head(training, table, domain_of, engine.encoder.encoder_id, settings, validation)
-        curves.append(curve)
+        temperatures = retriever_temperatures if variant != "supervised" else retriever_temperatures[:1]
+        best = None
+        for temperature in temperatures:
+            trial = replace(settings, variant=variant, retriever_temperature=temperature)
+            head, curve = train_head(training, table, domain_of, engine.encoder.encoder_id, trial, held_out)
+            accuracy = curve.validation_accuracy[curve.best_epoch - 1]
+            grid.append({"variant": variant, "retriever_temperature": temperature, "best_epoch": curve.best_epoch,
+                         "validation_acc@1": accuracy})
+            if best is None or accuracy > best[0]:
+                best = (accuracy, head, curve)
+        heads[variant] = best[1]
+        curves.append(best[2])
+    grid.append({"variant": "untrained", "retriever_temperature": None, "best_epoch": 0,
+                 "validation_acc@1": routing_accuracy(None, table, held_out, domain_of)["acc@1"]})
 
     lm_trained = [curve for curve in curves if curve.variant != "supervised"] or curves
     chosen = max(lm_trained, key=lambda curve: curve.validation_accuracy[curve.best_epoch - 1]).variant
     reports = evaluate_heads(engine, heads, test, table, domain_of)
-    return RetrieverRun(heads, curves, reports, chosen, len(training), len(validation), len(test), candidates,
-                        {"epochs": epochs, "teacher_temperature": teacher_temperature,
-                         "retriever_temperature": retriever_temperature})
+    return RetrieverRun(heads, curves, reports, chosen, grid, len(training), len(held_out), len(test), candidates,
+                        {"epochs": settings.epochs, "learning_rate": settings.learning_rate, "rank": settings.rank,
+                         "teacher_temperature": settings.teacher_temperature,
+                         "retriever_temperatures": list(retriever_temperatures),
+                         "kept_retriever_temperature": {c.variant: _kept_temperature(grid, c) for c in curves}})
+
+
+def _kept_temperature(grid: list[dict], curve: TrainingCurve) -> float | None:
+    rows = [row for row in grid if row["variant"] == curve.variant]
+    return max(rows, key=lambda row: row["validation_acc@1"])["retriever_temperature"]
 
 
 def report_markdown(report: dict) -> str:
@@ -480,4 +527,8 @@ def report_markdown(report: dict) -> str:
         best = curve["best_epoch"]
         lines.append(f"| {variant} | {best} | {curve['loss'][0]:.4f} → {curve['loss'][best - 1]:.4f} | "
                      f"{curve['validation_loss'][best - 1]:.4f} | {curve['validation_acc@1'][best - 1]:.3f} |")
+    lines += ["", "| variant | T_s | kept epoch | validation acc@1 |", "| --- | --- | --- | --- |"]
+    for row in report.get("grid", []):
+        temperature = "n/a" if row["retriever_temperature"] is None else f"{row['retriever_temperature']:g}"
+        lines.append(f"| {row['variant']} | {temperature} | {row['best_epoch']} | {row['validation_acc@1']:.3f} |")
     return "\n".join(lines)

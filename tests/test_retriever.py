@@ -143,11 +143,24 @@ def test_head_learns_the_teacher_preference(variant):
     assert curve.best_epoch == 1 + curve.validation_loss.index(min(curve.validation_loss))
 
 
+def test_low_rank_head_saves_dense_map(tmp_path, encoder):
+    head = QueryHead(encoder.dim, encoder.encoder_id, "loop", rank=4)
+    torch.nn.init.normal_(head.up.weight, std=0.1)
+    queries = F.normalize(torch.randn(3, encoder.dim), dim=-1)
+    head.save(tmp_path / "head.safetensors")
+    loaded = load_query_head(tmp_path / "head.safetensors", encoder)
+    assert torch.allclose(loaded.transform(queries), head.transform(queries), atol=1e-6)
+    with pytest.raises(ValueError, match="rank must be between 0"):
+        QueryHead(encoder.dim, rank=encoder.dim + 1)
+
+
 def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="variant must be one of"):
         TrainingSettings(variant="contrastive")
     with pytest.raises(ValueError, match="teacher_temperature"):
         TrainingSettings(teacher_temperature=0.0)
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        TrainingSettings(rank=-1)
 
 
 def test_key_table_takes_best_key_per_adapter():
@@ -159,8 +172,9 @@ def test_key_table_takes_best_key_per_adapter():
 
 def test_train_retriever_end_to_end(tiny_engine, tmp_path):
     examples = [Example(prompt, response, domain) for domain, pairs in TINY_DOMAINS.items() for prompt, response in pairs]
-    result = train_retriever(tiny_engine, examples[::2] + examples[1::2][:3], examples[1::2][3:], candidates=3,
-                             epochs=3, cache=tmp_path / "teacher.pt")
+    settings = TrainingSettings(epochs=3, rank=4)
+    result = train_retriever(tiny_engine, examples[::2], examples[1::2][:3], examples[1::2][3:], candidates=3,
+                             settings=settings, retriever_temperatures=(0.01, 0.05), cache=tmp_path / "teacher.pt")
     assert set(result.heads) == {"untrained", "pdist", "loop", "emdr", "supervised"}
     assert result.chosen in {"pdist", "loop", "emdr"}
     for name, report in result.reports.items():
@@ -168,6 +182,9 @@ def test_train_retriever_end_to_end(tiny_engine, tmp_path):
         assert report.merged_nll > 0, name
     report = result.to_json()
     assert report["test_queries"] == 3
+    assert report["validation_queries"] == 3
+    # three LM variants at two temperatures, the supervised baseline once, and the untrained encoder
+    assert len(report["grid"]) == 3 * 2 + 1 + 1
     assert set(report["curves"]) == {"pdist", "loop", "emdr", "supervised"}
     table = report_markdown(report)
     assert f"| {result.chosen} (shipped) |" in table
@@ -178,7 +195,8 @@ def test_train_retriever_end_to_end(tiny_engine, tmp_path):
 
 def test_train_retriever_rejects_too_many_candidates(tiny_engine):
     with pytest.raises(ValueError, match="candidates=8 is more than the 3 registered adapters"):
-        train_retriever(tiny_engine, [Example("q", "r", "music")], [Example("q", "r", "music")], candidates=8)
+        train_retriever(tiny_engine, [Example("q", "r", "music")], [Example("q", "r", "music")],
+                        [Example("q", "r", "music")], candidates=8)
 
 
 def test_engine_routes_through_trained_head(tiny_engine, tmp_path):
