@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="docs/library_report.json", help="JSON file with every number")
     report.add_argument("--matrix", default="docs/library_matrix.json", help="matrix JSON read by the app ('' skips)")
     report.add_argument("--heatmap", default="assets/library_heatmap.png", help="PNG heatmap of the NLL gains")
+    report.add_argument("--domains", nargs="+", help="measure only these corpus domains (default: every domain)")
     _add_global_options(report)
 
     evaluate = commands.add_parser("eval", help="compare routing with base, uniform, random and oracle mixes")
@@ -332,10 +333,16 @@ def run_library_report(args: argparse.Namespace) -> None:
     from .specialisation import (library_checks_markdown, matrix_markdown, nll_matrix, open_library_store,
                                  routing_scores, sample_by_domain, save_heatmap, save_matrix)
 
-    engine = MoA.from_config(_config(args))
     splits = load_splits(Path(args.corpus))
     validation = sample_by_domain(splits["validation"], args.per_domain)
     test = sample_by_domain(splits["test"], args.per_domain, seed=1)
+    if args.domains:
+        unknown = sorted(set(args.domains) - set(validation))
+        if unknown:
+            raise CommandError(f"--domains: {', '.join(unknown)} not in the corpus; it has {', '.join(validation)}.")
+        validation = {domain: validation[domain] for domain in args.domains}
+        test = {domain: test[domain] for domain in args.domains if domain in test}
+    engine = MoA.from_config(_config(args))
     with tempfile.TemporaryDirectory() as scratch:
         store = open_library_store(engine, Path(args.library), Path(scratch) / "store") if args.library else engine.store
         records = store.adapters()

@@ -22,7 +22,8 @@ def cli_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("command", ["query", "index", "import", "list", "remove", "build-corpus", "train-experts"])
+@pytest.mark.parametrize("command", ["query", "index", "import", "list", "remove", "build-corpus", "train-experts",
+                                     "library-report", "train-retriever"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
@@ -35,6 +36,7 @@ def test_every_command_has_help(command, capsys):
     (["query", "What is moss?", "--threshold", "-1"], "threshold must be >= 0"),
     (["query", "What is moss?", "--temperature", "0"], "temperature must be > 0"),
     (["train-experts", "--corpus", "missing-corpus"], "lacks train.jsonl"),
+    (["train-retriever", "--candidates", "4"], "--candidates must be at least 8, got 4"),
 ])
 def test_bad_input_exits_2_with_one_line(cli_env, capsys, argv, message):
     assert main(argv) == 2
@@ -85,3 +87,14 @@ def test_module_entry_point_runs(cli_env):
     result = subprocess.run([sys.executable, "-m", "moa.cli", "list"], capture_output=True, text=True,
                             env={**os.environ}, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_library_report_rejects_unknown_domain(cli_env, capsys):
+    corpus = cli_env / "corpus"
+    corpus.mkdir()
+    line = json.dumps({"prompt": "What is moss?", "response": "A small plant.", "segment": "plants", "term": "moss"})
+    for split in ("train", "validation", "test"):
+        (corpus / f"{split}.jsonl").write_text(line + "\n")
+    assert main(["library-report", "--corpus", str(corpus), "--domains", "plants", "astrology"]) == 2
+    error = capsys.readouterr().err
+    assert "--domains: astrology not in the corpus; it has plants." in error
