@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import chromadb
 import httpx
+import numpy as np
 import torch
 from chromadb.config import Settings
 
@@ -265,19 +266,20 @@ class AdapterStore:
         for info, keys in entries:
             if keys.ndim != 2 or keys.shape[0] == 0:
                 raise StoreError(f"Adapter {info.adapter_id!r}: expected keys of shape (num_keys, dim), got {tuple(keys.shape)}.")
-        ids, embeddings, metadatas = [], [], []
+        ids, metadatas = [], []
         for info, keys in entries:
             base = _record_metadata(info, keys.shape[0])
-            for index, vector in enumerate(keys.float()):
+            for index in range(keys.shape[0]):
                 ids.append(f"{info.adapter_id}#{index}")
-                embeddings.append(vector.tolist())
                 metadatas.append(_encode_metadata({**base, "key_index": index}))
+        # one float32 array rather than lists of Python floats, which took 32 bytes per value
+        embeddings = torch.cat([keys.float() for _, keys in entries]).numpy()  # (num_records, dim)
         with self.write_lock():
             self._delete_adapters([info.adapter_id for info, _ in entries])
             self._add_in_batches(ids, embeddings, metadatas)
         logger.info("Registered %d adapter(s) with %d key(s)", len(entries), len(ids))
 
-    def _add_in_batches(self, ids: list[str], embeddings: list[list[float]], metadatas: list[dict]) -> None:
+    def _add_in_batches(self, ids: list[str], embeddings: np.ndarray, metadatas: list[dict]) -> None:
         batch_size = self.client.get_max_batch_size()
         for start in range(0, len(ids), batch_size):
             end = start + batch_size
