@@ -11,6 +11,7 @@ import json
 import math
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -649,6 +650,49 @@ def test_offline_import_index_query(network_attempts, tiny_base, moa_config, tin
     trace = engine.route("What is a violin?", RouteSettings(max_new_tokens=4, max_iterations=2, threshold=0.0))
     assert len(trace.iterations) == 2
     assert network_attempts == []
+
+
+OFFLINE_CLI_SCRIPT = """
+import socket, sys
+from moa.cli import main
+
+model, store, library, incoming, probe_port = sys.argv[1:6]
+try:  # one known loopback attempt, so the trace shows that connect() calls are being traced
+    socket.create_connection(("127.0.0.1", int(probe_port)), timeout=1)
+except OSError:
+    pass
+common = ["--store", store, "--base-model", model, "--adapters-dir", library]
+for argv in (["import", incoming], ["index", library], ["query", "What is a violin?", "--max-new-tokens", "3"]):
+    if main(argv + common) != 0:
+        sys.exit(1)
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_offline_cli_no_connect_syscall(tiny_model_folder, tiny_library, tmp_path):
+    """moa import, index and query in one process under strace: no connect() but the probe leaves it.
+
+    strace sees every connect() system call, native code's included, which the socket guard above cannot.
+    """
+    library, trace = tmp_path / "adapters", tmp_path / "connect.trace"
+    copy_adapter(tiny_library / "plants", library / "plants")
+    incoming = copy_adapter(tiny_library / "music", tmp_path / "incoming" / "ext-music")
+    probe_port = free_port()
+    result = subprocess.run(["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-e", "signal=none",
+                             "-o", str(trace), sys.executable, "-c", OFFLINE_CLI_SCRIPT, str(tiny_model_folder),
+                             str(tmp_path / "store"), str(library), str(incoming), str(probe_port)],
+                            capture_output=True, text=True, env=child_environment(tmp_path / "home"),
+                            timeout=SUBPROCESS_START_TIMEOUT_SECONDS)
+    if result.returncode != 0 and "ptrace" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "imported 1" in result.stdout
+
+    calls = [line for line in trace.read_text().splitlines() if "connect(" in line]
+    outbound = [line for line in calls if "AF_UNIX" not in line]
+    assert len(outbound) == 1, outbound
+    assert f"sin_port=htons({probe_port})" in outbound[0]
+    assert 'inet_addr("127.0.0.1")' in outbound[0]
 
 
 # ---- many users ---------------------------------------------------------------------------------
