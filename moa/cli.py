@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     retriever.add_argument("--validation-per-domain", type=int, default=6,
                            help="validation-split queries per domain, for picking epochs, T_s and the shipped variant")
     retriever.add_argument("--test-per-domain", type=int, default=8, help="test queries per domain for the report")
+    retriever.add_argument("--routing-per-domain", type=int, default=100,
+                           help="test queries per domain routed by the encoder alone, for tighter accuracy numbers")
     retriever.add_argument("--candidates", type=int, default=8, help="K adapters retrieved per query (>= 8)")
     retriever.add_argument("--variants", nargs="+", default=["pdist", "loop", "emdr", "supervised"],
                            choices=["pdist", "loop", "emdr", "supervised"], help="losses to train and compare")
@@ -451,11 +453,14 @@ def run_train_retriever(args: argparse.Namespace) -> None:
     validation = [e for examples in sample_by_domain(splits["validation"], args.validation_per_domain, seed=2).values()
                   for e in examples]
     test = [e for examples in sample_by_domain(splits["test"], args.test_per_domain, seed=1).values() for e in examples]
+    routing_test = [e for examples in sample_by_domain(splits["test"], args.routing_per_domain, seed=3).values()
+                    for e in examples]
 
     settings = TrainingSettings(epochs=args.epochs, learning_rate=args.learning_rate, rank=args.rank,
                                 teacher_temperature=args.teacher_temperature)
     result = train_retriever(engine, train, validation, test, args.candidates, args.variants, settings,
-                             args.retriever_temperature, cache=Path(args.cache) if args.cache else None)
+                             args.retriever_temperature, cache=Path(args.cache) if args.cache else None,
+                             routing_test=routing_test)
     out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
     result.heads[result.chosen].save(out)
     save_curves(result.curves, Path(args.curves))

@@ -440,6 +440,8 @@ class RetrieverRun:
     chosen: str
     grid: list[dict]
     """One row per (variant, T_s) tried: the kept epoch and its validation accuracy@1."""
+    routing_only: dict[str, dict[str, float]]
+    """Each retriever's routing metrics on a larger test sample, from the encoder alone (no LM pass)."""
     train_queries: int
     validation_queries: int
     test_queries: int
@@ -450,6 +452,7 @@ class RetrieverRun:
         return {"chosen": self.chosen, "train_queries": self.train_queries,
                 "validation_queries": self.validation_queries, "test_queries": self.test_queries,
                 "candidates": self.candidates, "settings": self.settings, "grid": self.grid,
+                "routing_only": self.routing_only,
                 "curves": {c.variant: {"loss": c.loss, "validation_loss": c.validation_loss,
                                        "validation_acc@1": c.validation_accuracy, "best_epoch": c.best_epoch}
                            for c in self.curves},
@@ -458,12 +461,14 @@ class RetrieverRun:
 
 def train_retriever(engine, train: Sequence, validation: Sequence, test: Sequence, candidates: int = 8,
                     variants: Sequence[str] = VARIANTS, settings: TrainingSettings | None = None,
-                    retriever_temperatures: Sequence[float] = (0.01,), cache: Path | None = None) -> RetrieverRun:
+                    retriever_temperatures: Sequence[float] = (0.01,), cache: Path | None = None,
+                    routing_test: Sequence = ()) -> RetrieverRun:
     """Score the training and validation queries with the LM, train the heads, and test them all.
 
     Each LM-trained variant (PDist, LOOP, EMDR²) is trained once per retriever temperature T_s and
     keeps the one with the best validation accuracy@1. The head to ship is the LM-trained variant
-    with the best validation accuracy@1; the supervised head is a baseline only.
+    with the best validation accuracy@1; the supervised head is a baseline only. `routing_test`
+    (optional, usually larger than `test`) is routed by every head with the encoder alone.
     """
     registered = engine.store.adapters()
     if candidates > len(registered):
@@ -500,7 +505,15 @@ def train_retriever(engine, train: Sequence, validation: Sequence, test: Sequenc
     lm_trained = [curve for curve in curves if curve.variant != "supervised"] or curves
     chosen = max(lm_trained, key=lambda curve: curve.validation_accuracy[curve.best_epoch - 1]).variant
     reports = evaluate_heads(engine, heads, test, table, domain_of)
-    return RetrieverRun(heads, curves, reports, chosen, grid, len(training), len(held_out), len(test), candidates,
+    routing_only = {}
+    if routing_test:
+        embeddings = engine.encoder.encode([example.prompt for example in routing_test]).clone()
+        labelled = [TeacherExample(example.prompt, example.segment or "", embedding, [], torch.empty(0), torch.empty(0),
+                                   0.0, 0.0, 0) for example, embedding in zip(routing_test, embeddings)]
+        routing_only = {name: routing_accuracy(head, table, labelled, domain_of) | {"queries": len(labelled)}
+                        for name, head in heads.items()}
+    return RetrieverRun(heads, curves, reports, chosen, grid, routing_only, len(training), len(held_out), len(test),
+                        candidates,
                         {"epochs": settings.epochs, "learning_rate": settings.learning_rate, "rank": settings.rank,
                          "teacher_temperature": settings.teacher_temperature,
                          "retriever_temperatures": list(retriever_temperatures),
@@ -527,6 +540,10 @@ def report_markdown(report: dict) -> str:
         best = curve["best_epoch"]
         lines.append(f"| {variant} | {best} | {curve['loss'][0]:.4f} → {curve['loss'][best - 1]:.4f} | "
                      f"{curve['validation_loss'][best - 1]:.4f} | {curve['validation_acc@1'][best - 1]:.3f} |")
+    if report.get("routing_only"):
+        lines += ["", "| retriever | queries | acc@1 | acc@3 | MRR |", "| --- | --- | --- | --- | --- |"]
+        for name, row in report["routing_only"].items():
+            lines.append(f"| {name} | {row['queries']} | {row['acc@1']:.3f} | {row['acc@3']:.3f} | {row['mrr']:.3f} |")
     lines += ["", "| variant | T_s | kept epoch | validation acc@1 |", "| --- | --- | --- | --- |"]
     for row in report.get("grid", []):
         temperature = "n/a" if row["retriever_temperature"] is None else f"{row['retriever_temperature']:g}"

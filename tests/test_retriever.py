@@ -174,7 +174,8 @@ def test_train_retriever_end_to_end(tiny_engine, tmp_path):
     examples = [Example(prompt, response, domain) for domain, pairs in TINY_DOMAINS.items() for prompt, response in pairs]
     settings = TrainingSettings(epochs=3, rank=4)
     result = train_retriever(tiny_engine, examples[::2], examples[1::2][:3], examples[1::2][3:], candidates=3,
-                             settings=settings, retriever_temperatures=(0.01, 0.05), cache=tmp_path / "teacher.pt")
+                             settings=settings, retriever_temperatures=(0.01, 0.05), cache=tmp_path / "teacher.pt",
+                             routing_test=examples)
     assert set(result.heads) == {"untrained", "pdist", "loop", "emdr", "supervised"}
     assert result.chosen in {"pdist", "loop", "emdr"}
     for name, report in result.reports.items():
@@ -185,6 +186,7 @@ def test_train_retriever_end_to_end(tiny_engine, tmp_path):
     assert report["validation_queries"] == 3
     # three LM variants at two temperatures, the supervised baseline once, and the untrained encoder
     assert len(report["grid"]) == 3 * 2 + 1 + 1
+    assert report["routing_only"]["untrained"]["queries"] == len(examples)
     assert set(report["curves"]) == {"pdist", "loop", "emdr", "supervised"}
     table = report_markdown(report)
     assert f"| {result.chosen} (shipped) |" in table
