@@ -73,7 +73,8 @@ def _whole_number(name: str, value: float) -> int:
 
 
 def build_settings(top_k: float, temperature: float, merge_method: str, error_metric: str, threshold: float,
-                   max_iterations: float, strategy: str, max_new_tokens: float, do_sample: bool) -> RouteSettings:
+                   max_iterations: float, strategy: str, max_new_tokens: float, do_sample: bool,
+                   use_trained_retriever: bool = True) -> RouteSettings:
     """Turn the control values into `RouteSettings`. An invalid value raises `gr.Error` that names it."""
     if merge_method not in MERGE_METHODS:
         raise gr.Error(f"Unknown merge method {merge_method!r}; choose one of {', '.join(MERGE_METHODS)}.")
@@ -85,6 +86,7 @@ def build_settings(top_k: float, temperature: float, merge_method: str, error_me
             error_metric=error_metric, threshold=float(threshold),
             max_iterations=_whole_number("max_iterations", max_iterations), strategy=strategy,
             max_new_tokens=_whole_number("max_new_tokens", max_new_tokens), do_sample=bool(do_sample),
+            use_trained_retriever=bool(use_trained_retriever),
         )
     except ConfigError as error:
         raise gr.Error(str(error)) from error
@@ -157,7 +159,7 @@ def _trace_views(trace: Trace, library_size: int) -> dict[str, Any]:
 
 def route(query: str, reference: str, top_k: float, temperature: float, merge_method: str, error_metric: str,
           threshold: float, max_iterations: float, strategy: str, max_new_tokens: float,
-          do_sample: bool) -> Iterator[tuple[Any, ...]]:
+          do_sample: bool, use_trained_retriever: bool = True) -> Iterator[tuple[Any, ...]]:
     """Answer `query` through the MoA loop, streaming the merged answer and then the base model's.
 
     Returns the answer, the adapter table, the weight chart, the token heatmap, the error chart,
@@ -166,7 +168,7 @@ def route(query: str, reference: str, top_k: float, temperature: float, merge_me
     engine = get_engine()
     query, reference = check_texts(engine, query, reference)
     settings = build_settings(top_k, temperature, merge_method, error_metric, threshold, max_iterations, strategy,
-                              max_new_tokens, do_sample)
+                              max_new_tokens, do_sample, use_trained_retriever)
     library_size = engine.store.count()
     stop = threading.Event()
     events: queue.Queue = queue.Queue()
@@ -354,6 +356,12 @@ def build_demo() -> gr.Blocks:
                                                        elem_id="max-new-tokens")
                             do_sample = gr.Checkbox(value=DEFAULTS.do_sample, label="Sampling",
                                                     info=HELP["Sampling"])
+                            trained_retriever = gr.Checkbox(
+                                value=engine.query_head is not None, interactive=engine.query_head is not None,
+                                label="Trained retriever head", elem_id="trained-retriever",
+                                info="Route with the query head trained from the LM's scores; off uses the plain "
+                                     "encoder." if engine.query_head is not None else
+                                     "No trained query head is loaded, so the plain encoder routes.")
 
                 status = gr.Markdown("Pick an example or type a query, then press Run.", elem_id="status")
                 with gr.Row(equal_height=True):
@@ -403,7 +411,7 @@ def build_demo() -> gr.Blocks:
 
         # the main event, also served to gradio_client users as /route
         controls = [query, reference, top_k, temperature, merge_method, error_metric, threshold, max_iterations,
-                    strategy, max_new_tokens, do_sample]
+                    strategy, max_new_tokens, do_sample, trained_retriever]
         outputs = [answer, adapter_frame, weight_plot, heatmap, error_plot, token_frame, timeline, base_answer, status,
                    trace_state, stop_state]
         route_event = run_button.click(route, controls, outputs, api_name="route", show_progress="minimal")

@@ -242,13 +242,19 @@ def app_url(request, app_workdir) -> str:
     return start_app(request, app_workdir)
 
 
-def route(url: str, query: str, max_new_tokens: int = MAX_NEW_TOKENS, reference: str = "") -> dict:
-    """Call /route from a new client session and name its outputs."""
+def route(url: str, query: str, max_new_tokens: int = MAX_NEW_TOKENS, reference: str = "",
+          use_trained_retriever: bool | None = None) -> dict:
+    """Call /route from a new client session and name its outputs.
+
+    Without `use_trained_retriever` the call leaves that last input out, as older clients do.
+    """
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    result = client.predict(query, reference, 3, 0.1, "exact", "auto", 2.0, 2, "chain", max_new_tokens, False,
-                            api_name="/route")
+    inputs = [query, reference, 3, 0.1, "exact", "auto", 2.0, 2, "chain", max_new_tokens, False]
+    if use_trained_retriever is not None:
+        inputs.append(use_trained_retriever)
+    result = client.predict(*inputs, api_name="/route")
     names = ("answer", "adapters", "weights", "heatmap", "errors", "token_errors", "timeline", "base_answer", "status")
     return dict(zip(names, result, strict=True))
 
@@ -280,6 +286,18 @@ def test_route_returns_answer_and_views(alone_results):
     assert all(math.isfinite(error) and error >= 0 for error in errors)
     assert result["heatmap"].count('class="moa-token"') == len(errors)
     assert "Iteration 1" in result["timeline"]
+
+
+@pytest.mark.slow
+def test_route_switches_retriever(app_url, alone_results):
+    if not (REPO_ROOT / "retriever" / "query_head.safetensors").is_file():
+        pytest.skip("no trained retriever head in retriever/")
+    similarity = ADAPTER_COLUMNS.index("similarity")
+    trained = route(app_url, QUERY, use_trained_retriever=True)
+    plain = route(app_url, QUERY, use_trained_retriever=False)
+    # the head moves the query embedding, so the first adapter's similarity changes with the switch
+    assert trained["adapters"]["data"][0][similarity] != plain["adapters"]["data"][0][similarity]
+    assert trained["adapters"]["data"] == alone_results[QUERY]["adapters"]["data"]  # on by default
 
 
 @pytest.mark.slow
