@@ -61,6 +61,7 @@ class QueryHead(torch.nn.Module):
             self.linear = torch.nn.Linear(dim, dim)
             torch.nn.init.zeros_(self.linear.weight)
             torch.nn.init.zeros_(self.linear.bias)
+        # NOTE: the "no adapter" score is trained and saved, but MoA.retrieve does not use it yet.
         self.null_score = torch.nn.Parameter(torch.tensor(0.0))
         """Similarity-scale score of the "no adapter" candidate."""
         self.encoder_id = encoder_id
