@@ -410,7 +410,7 @@ def run_bench_scale(args: argparse.Namespace) -> None:
     if args.cache_size is not None:
         config = dataclasses.replace(config, adapter_cache_size=args.cache_size)
     result = bench_scale(config, settings, Path(args.scratch) if args.scratch else None)
-    text = markdown(result, "moa bench-scale " + " ".join(sys.argv[2:]), machine_description())
+    text = markdown(result, " ".join(["moa", "bench-scale", *sys.argv[2:]]), machine_description())
     if args.out != "-":
         write_section(Path(args.out), "Scale", text)
     print(text)
