@@ -23,7 +23,7 @@ def cli_env(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["query", "index", "import", "list", "remove", "build-corpus", "train-experts",
-                                     "library-report", "train-retriever"])
+                                     "library-report", "train-retriever", "bench-scale"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
