@@ -26,7 +26,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the models run (default auto)")
     group.add_argument("--store", dest="store_path", help="Chroma store folder (default ~/.cache/moa/store)")
     group.add_argument("--chroma-url", help="Chroma server URL, e.g. http://127.0.0.1:8000, instead of a local store")
-    group.add_argument("--adapters-dir", help="library indexed into an empty store on first use (default ./adapters)")
+    group.add_argument("--adapters-dir",
+                       help="library indexed into an empty store on first use (default: adapters/ in the repository)")
     group.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
 
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(bench)
 
     scale = commands.add_parser("bench-scale", help="measure registration, query latency and memory with many "
-                                                    "generated adapters")
+                                                    "generated adapters",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     scale.add_argument("--adapters", type=int, default=10_000, help="number of generated adapters")
     scale.add_argument("--rank", type=int, default=1, help="LoRA rank of each generated adapter")
     scale.add_argument("--retrieval-queries", type=int, default=200, help="queries timed through retrieval alone")
@@ -158,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "('-' prints it)")
     _add_global_options(scale)
 
-    retriever = commands.add_parser("train-retriever", help="train the query side of the retriever from LM scores")
-    retriever.add_argument("--queries", help="JSONL of {\"query\", \"reference\", \"domains\"?} (default: corpus train split)")
+    retriever = commands.add_parser("train-retriever", help="train the query side of the retriever from LM scores",
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    retriever.add_argument("--queries", help="JSONL of {\"query\", \"reference\", \"domains\"?} lines; the first "
+                           "domain labels the query for the supervised baseline (default: corpus train split)")
     retriever.add_argument("--corpus", default="data/corpus", help="corpus folder (train split for training, test for the report)")
     retriever.add_argument("--per-domain", type=int, default=64, help="training queries per domain")
     retriever.add_argument("--validation-per-domain", type=int, default=6,
@@ -198,10 +202,12 @@ def _settings(args: argparse.Namespace) -> RouteSettings:
 
 
 def run_query(args: argparse.Namespace) -> None:
-    from .engine import MoA
+    from .engine import MoA, clean_query
 
-    settings = _settings(args)  # check the options before loading any model
-    engine = MoA.from_config(_config(args))
+    settings = _settings(args)  # check the options and the query before loading any model
+    config = _config(args)
+    clean_query(args.query, config.max_query_chars)
+    engine = MoA.from_config(config)
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     if stream:
         print("Generating: ", end="", flush=True)
@@ -210,6 +216,10 @@ def run_query(args: argparse.Namespace) -> None:
         print(json.dumps(trace.to_dict(), ensure_ascii=False))
         return
     print("\n")
+    if settings.use_trained_retriever and engine.query_head is not None:
+        print(f"Retriever: trained query head ({engine.query_head.variant or 'unknown variant'})")
+    else:
+        print("Retriever: plain encoder")
     print_trace(trace)
 
 

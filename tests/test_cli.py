@@ -37,12 +37,15 @@ def test_every_command_has_help(command, capsys):
     (["query", "What is moss?", "--temperature", "0"], "temperature must be > 0"),
     (["train-experts", "--corpus", "missing-corpus"], "lacks train.jsonl"),
     (["train-retriever", "--candidates", "4"], "--candidates must be at least 8, got 4"),
+    (["query", "   "], "The query is empty"),
 ])
 def test_bad_input_exits_2_with_one_line(cli_env, capsys, argv, message):
     assert main(argv) == 2
-    error = capsys.readouterr().err.strip()
+    output = capsys.readouterr()
+    error = output.err.strip()
     assert message in error
     assert len(error.splitlines()) == 1
+    assert output.out == ""
 
 
 def test_unknown_option_exits_2(cli_env):
