@@ -245,9 +245,7 @@ def run_index(args: argparse.Namespace) -> None:
     report = engine.index(Path(args.folder), skip_invalid=args.skip_invalid)
     print(f"added {len(report.added)}, updated {len(report.updated)}, removed {len(report.removed)}, "
           f"unchanged {len(report.unchanged)}")
-    for label, ids in (("added", report.added), ("updated", report.updated), ("removed", report.removed)):
-        if ids:
-            print(f"  {label}: {', '.join(ids)}")
+    _print_ids((("added", report.added), ("updated", report.updated), ("removed", report.removed)))
 
 
 def run_import(args: argparse.Namespace) -> None:
@@ -256,18 +254,12 @@ def run_import(args: argparse.Namespace) -> None:
     engine = MoA.from_config(_config(args), index_default_library=False)
     report = engine.import_adapters(args.source, args.adapter_id, args.description)
     print(f"imported {len(report.imported)} into {report.library}, unchanged {len(report.unchanged)}")
-    for label, ids in (("imported", report.imported), ("unchanged", report.unchanged)):
-        if ids:
-            print(f"  {label}: {', '.join(ids)}")
+    _print_ids((("imported", report.imported), ("unchanged", report.unchanged)))
 
 
-def run_import(args: argparse.Namespace) -> None:
-    from .engine import MoA
-
-    engine = MoA.from_config(_config(args), index_default_library=False)
-    report = engine.import_adapters(args.source, args.adapter_id, args.description)
-    print(f"imported {len(report.imported)} into {report.library}, unchanged {len(report.unchanged)}")
-    for label, ids in (("imported", report.imported), ("unchanged", report.unchanged)):
+def _print_ids(groups: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Print one indented line of adapter ids per non-empty group."""
+    for label, ids in groups:
         if ids:
             print(f"  {label}: {', '.join(ids)}")
 

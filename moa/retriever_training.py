@@ -149,7 +149,8 @@ def teacher_examples(engine, examples: Sequence, candidates: int, temperature: f
 
 def score_candidates(engine, example, candidates: int, temperature: float) -> TeacherExample:
     """Retrieve K candidates with the untrained encoder and score them all in one batched pass."""
-    retrieved = engine.retrieve(example.prompt, candidates, use_trained=False)
+    embedding = engine.encoder.encode([example.prompt])[0].clone()  # out of inference mode, for the head
+    retrieved = engine.store.query(embedding, candidates)  # the plain encoder's ranking, embedded once
     ids = [item.adapter_id for item in retrieved]
     weights = relevance_weights(torch.tensor([item.similarity for item in retrieved]), "softmax", temperature)
     loo = leave_one_out_weights(weights)  # (1 + 2K, K): full, without i, alone i
@@ -158,7 +159,7 @@ def score_candidates(engine, example, candidates: int, temperature: float) -> Te
 
     k = len(ids)
     return TeacherExample(
-        query=example.prompt, domain=example.segment or "", embedding=engine.encoder.encode([example.prompt])[0].clone(),
+        query=example.prompt, domain=example.segment or "", embedding=embedding,
         candidates=ids, nll_alone=nll[1 + k:1 + 2 * k], nll_without=nll[1:1 + k], nll_full=float(nll[0]),
         nll_base=float(nll[-1]), tokens=int(answer_ids(engine.base.tokenizer, example.response).numel()),
     )

@@ -40,7 +40,7 @@ MEMORY_CHECKPOINTS = 10
 
 @dataclass
 class ScaleSettings:
-    """What `run_scale_bench` generates and measures."""
+    """Sizes of the generated library and of the measurements made by `run_scale_bench`."""
 
     adapters: int = 10_000
     """Number of generated adapters."""
@@ -97,7 +97,7 @@ def resident_mib() -> float:
 
 
 def percentile(samples: list[float], fraction: float) -> float:
-    """The sample at `fraction` of the sorted samples (nearest rank)."""
+    """Return the nearest-rank percentile: the sample at `fraction` of the sorted samples."""
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 

@@ -79,9 +79,9 @@ def test_cli_query_json_german(tmp_path):
     assert first["adapters"][0]["domain"] == "german"
     assert set(first["adapters"][0]) >= {"id", "domain", "similarity", "weight", "contribution"}
     assert all({"text", "error"} <= set(token) for token in first["tokens"])
-    # The expert answers in the corpus's form: a capitalised German noun, with or without der/die/das.
-    # Whether the noun is right depends on the 4-bit base model's vocabulary: it does not know "Baum"
-    # with or without the expert, and answers "Bier" or "der Bier".
+    # The expert replies in the corpus's form: a capitalised German noun, with or without der/die/das.
+    # Whether the noun is right depends on the 4-bit base model's vocabulary. It lacks "Baum" with or
+    # without the expert and generates "Bier" or "der Bier".
     words = trace["final_answer"].split()
     noun = words[1] if len(words) == 2 and words[0] in {"der", "die", "das"} else words[0]
     assert len(words) <= 2, trace["final_answer"]

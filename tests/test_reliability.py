@@ -672,7 +672,7 @@ for argv in (["import", incoming], ["index", library], ["query", "What is a viol
 def test_offline_cli_no_connect_syscall(tiny_model_folder, tiny_library, tmp_path):
     """moa import, index and query in one process under strace: no connect() but the probe leaves it.
 
-    strace sees every connect() system call, native code's included, which the socket guard above cannot.
+    strace records every connect() system call, native code's included, which the socket guard above cannot.
     """
     library, trace = tmp_path / "adapters", tmp_path / "connect.trace"
     copy_adapter(tiny_library / "plants", library / "plants")
