@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     experts.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
                          help="Linear modules that get a LoRA")
+    experts.add_argument("--keys-only", action="store_true",
+                         help="recompute the retrieval keys of experts already trained (after a change of encoder "
+                              "or key design), without training; run `moa index` afterwards")
     _add_global_options(experts)
 
     report = commands.add_parser("library-report", help="measure the library's adapter x domain NLL matrix and routing")
@@ -304,16 +307,17 @@ def run_build_corpus(args: argparse.Namespace) -> None:
 
 def run_train_experts(args: argparse.Namespace) -> None:
     from .encoder import Encoder
-    from .experts import LIBRARY_DOMAINS, kmeans_segments, label_segments, load_splits, train_library
-    from .models import load_base_model
+    from .experts import LIBRARY_DOMAINS, kmeans_segments, label_segments, load_splits, rekey_library, train_library
+    from .models import load_base_model, resolve_device
     from .training import TrainingConfig
 
     config = _config(args)
     training = TrainingConfig(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules),
                               steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size)
     splits = load_splits(Path(args.corpus))
-    base = load_base_model(config.base_model, config.device, config.dtype, config.model_cache_dir)
-    encoder = Encoder(config.encoder, device=base.device)
+    base = None if args.keys_only else load_base_model(config.base_model, config.device, config.dtype,
+                                                       config.model_cache_dir)
+    encoder = Encoder(config.encoder, device=resolve_device(config.device, config.dtype)[0])
     if args.segments == "label":
         segments = label_segments(splits, encoder, args.domains or LIBRARY_DOMAINS)
     else:
@@ -322,6 +326,14 @@ def run_train_experts(args: argparse.Namespace) -> None:
         except ValueError:
             raise CommandError(f"--segments must be 'label' or a number of clusters, got {args.segments!r}.") from None
         segments = kmeans_segments(splits, k, encoder, domains=args.domains)
+    if args.keys_only:
+        try:
+            folders = rekey_library(encoder, segments, Path(args.out))
+        except FileNotFoundError as error:
+            raise CommandError(str(error)) from None
+        for folder in folders:
+            print(f"{folder.name:<24} key rewritten")
+        return
     results = train_library(base, encoder, segments, Path(args.out), Path(args.runs), training)
     for result in results:
         status = "skipped (already trained)" if result.skipped else "trained"

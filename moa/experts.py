@@ -13,7 +13,7 @@ import torch
 from .corpus import Example, load_jsonl, source_licence
 from .encoder import Encoder
 from .models import BaseModel
-from .training import ExpertResult, Segment, TrainingConfig, train_expert
+from .training import ExpertResult, Segment, TrainingConfig, expert_is_complete, rewrite_keys, train_expert
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +127,19 @@ def train_library(base: BaseModel, encoder: Encoder, segments: Sequence[Segment]
         logger.info("Expert %d/%d: %s (%d training pairs)", number, len(segments), segment.name, len(segment.train))
         results.append(train_expert(base, segment, Path(adapters_dir), Path(runs_dir), config, encoder))
     return results
+
+
+def rekey_library(encoder: Encoder, segments: Sequence[Segment], adapters_dir: Path) -> list[Path]:
+    """Recompute the key of every segment's trained expert, after a change of key design or encoder.
+
+    Every expert folder is checked before the first key is written, so a missing expert changes nothing.
+    """
+    folders = [Path(adapters_dir) / segment.name for segment in segments]
+    missing = [folder.name for folder in folders if not expert_is_complete(folder)]
+    if missing:
+        raise FileNotFoundError(f"No trained expert for {', '.join(missing)} in {adapters_dir}; train them first "
+                                "(`moa train-experts` without --keys-only). No key was changed.")
+    for segment, folder in zip(segments, folders):
+        rewrite_keys(folder, segment, encoder)
+        logger.info("Rewrote the key of %s", segment.name)
+    return folders

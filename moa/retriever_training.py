@@ -130,10 +130,12 @@ def teacher_examples(engine, examples: Sequence, candidates: int, temperature: f
 
     With `cache`, scored queries are saved every `save_every` queries and reused, so a stopped run
     resumes where it stopped. The cache is dropped when the model, encoder, library, K or the
-    weighting temperature differ from the run that wrote it.
+    weighting temperature differ from the run that wrote it. Adapters are compared by fingerprint,
+    so new weights or new keys drop the cache too.
     """
+    adapters = {adapter_id: record.fingerprint for adapter_id, record in sorted(engine.store.adapters().items())}
     signature = {"model": engine.base.model_id, "encoder": engine.encoder.encoder_id, "candidates": candidates,
-                 "temperature": temperature, "adapters": sorted(engine.store.adapters())}
+                 "temperature": temperature, "adapters": adapters}
     done = _load_teacher_cache(cache, signature)
     pending = [example for example in examples if example.prompt not in done]
     if done:

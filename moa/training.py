@@ -2,8 +2,13 @@
 
 Each expert folder contains `adapter_config.json`, `adapter_model.safetensors` (fp16), a model
 card `README.md`, `moa.json` (name, domain, description, sample queries, validation NLL) and
-`keys.safetensors` (centroid and sample-query embeddings from the retriever's encoder), so
-`moa index` registers it without recomputing anything.
+`keys.safetensors` (the expert's key, embedded by the retriever's encoder), so `moa index`
+registers it without recomputing anything.
+
+The key is one vector, the mean of two unit centroids over the segment's training pairs: of the
+prompts alone (how the expert's questions are asked) and of prompt and response together (what the
+expert answers). The answers name the domain where the question does not: "What is
+photosynthesis?" says nothing about plants, its gloss does.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .adapters import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, save_keys
+from .adapters import CONFIG_FILE, KEYS_FILE, METADATA_FILE, WEIGHTS_FILE, save_keys
 from .encoder import Encoder
 from .error import sequence_nll
 from .models import BaseModel
@@ -60,7 +65,7 @@ class TrainingConfig:
     validation_examples: int = 64
     """Validation pairs used for the before/after NLL of each expert."""
     sample_queries: int = 8
-    """Training prompts stored as retrieval keys (besides the centroid)."""
+    """Training prompts listed in `moa.json`: shown as examples, and embedded as keys by another encoder."""
     seed: int = 0
     """Seed of batch sampling and LoRA initialisation."""
 
@@ -149,7 +154,7 @@ def learning_rate_at(step: int, config: TrainingConfig) -> float:
 
 
 def expert_is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE, "keys.safetensors"))
+    return all((folder / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE, KEYS_FILE))
 
 
 def train_expert(base: BaseModel, segment: Segment, adapters_dir: Path, runs_dir: Path, config: TrainingConfig,
@@ -234,11 +239,34 @@ def sample_queries(segment: Segment, count: int, seed: int) -> list[str]:
     return prompts[:count]
 
 
-def expert_keys(segment: Segment, queries: list[str], encoder: Encoder, max_centroid_examples: int = 512) -> torch.Tensor:
-    """Keys: the centroid of the segment's training prompts, then each sample query. -> (1 + n, dim)."""
-    prompts = [example.prompt for example in segment.train[:max_centroid_examples]]
-    centroid = torch.nn.functional.normalize(encoder.encode(prompts).mean(dim=0, keepdim=True), dim=-1)
-    return torch.cat([centroid, encoder.encode(queries)])
+def expert_keys(segment: Segment, encoder: Encoder, max_examples: int = 512) -> torch.Tensor:
+    """The expert's key: the normalised sum of its prompt centroid and its pair centroid. -> (1, dim)."""
+    examples = segment.train[:max_examples]
+    if not examples:
+        raise ValueError(f"Segment {segment.name!r} has no training examples to compute its key from.")
+    prompts = encoder.encode([example.prompt for example in examples]).mean(dim=0)
+    pairs = encoder.encode([f"{example.prompt} {example.response}" for example in examples]).mean(dim=0)
+    key = torch.nn.functional.normalize(prompts, dim=0) + torch.nn.functional.normalize(pairs, dim=0)
+    return torch.nn.functional.normalize(key, dim=0).unsqueeze(0)
+
+
+def rewrite_keys(folder: Path, segment: Segment, encoder: Encoder) -> None:
+    """Recompute a trained expert's key in place; the other files are left as they are.
+
+    The new file is written next to the folder and moved over the old one in one rename, so a stop
+    half-way leaves the old key.
+    """
+    if not expert_is_complete(folder):
+        raise FileNotFoundError(f"No trained expert in {folder}; train it first (`moa train-experts` without "
+                                "--keys-only).")
+    keys = expert_keys(segment, encoder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.keys.", dir=folder.parent))
+    try:
+        save_keys(staging, keys, encoder.encoder_id)
+        (staging / KEYS_FILE).chmod(0o644)
+        os.replace(staging / KEYS_FILE, folder / KEYS_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_expert(folder: Path, segment: Segment, state: dict[str, torch.Tensor], lora_config: LoraConfig,
@@ -252,7 +280,7 @@ def _write_expert(folder: Path, segment: Segment, state: dict[str, torch.Tensor]
         lora_config.save_pretrained(str(staging))
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         queries = sample_queries(segment, config.sample_queries, config.seed)
-        save_keys(staging, expert_keys(segment, queries, encoder), encoder.encoder_id)
+        save_keys(staging, expert_keys(segment, encoder), encoder.encoder_id)
         metadata = {
             "name": segment.name,
             "domain": segment.domain,

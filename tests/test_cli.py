@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import SHARED_MODEL_CACHE
 from moa.cli import build_parser, main
@@ -101,3 +102,38 @@ def test_library_report_rejects_unknown_domain(cli_env, capsys):
     assert main(["library-report", "--corpus", str(corpus), "--domains", "plants", "astrology"]) == 2
     error = capsys.readouterr().err
     assert "--domains: astrology not in the corpus; it has plants." in error
+
+
+def write_tiny_corpus(folder, domain: str) -> None:
+    from moa.corpus import Example, write_jsonl
+    from conftest import TINY_DOMAINS
+
+    examples = [Example(prompt, response, domain, term=prompt, source="tests") for prompt, response in TINY_DOMAINS[domain]]
+    write_jsonl(folder / "train.jsonl", examples)
+    write_jsonl(folder / "validation.jsonl", examples[:2])
+
+
+def test_keys_only_needs_trained_experts(cli_env, tmp_path, capsys):
+    write_tiny_corpus(tmp_path / "corpus", "music")
+    argv = ["train-experts", "--keys-only", "--corpus", str(tmp_path / "corpus"), "--domains", "music",
+            "--out", str(tmp_path / "empty")]
+    assert main(argv) == 2
+    assert "No trained expert for music" in capsys.readouterr().err
+
+
+def test_keys_only_rewrites_the_key(cli_env, tmp_path, tiny_library, encoder, capsys):
+    from conftest import copy_adapter, tiny_segment
+    from moa.adapters import read_adapter
+    from moa.training import expert_keys
+
+    library = tmp_path / "library"
+    copy_adapter(tiny_library / "music", library / "music")
+    write_tiny_corpus(tmp_path / "corpus", "music")
+    (library / "music" / "keys.safetensors").write_bytes(b"stale")
+    weights = (library / "music" / "adapter_model.safetensors").read_bytes()
+    argv = ["train-experts", "--keys-only", "--corpus", str(tmp_path / "corpus"), "--domains", "music",
+            "--out", str(library)]
+    assert main(argv) == 0
+    assert "music" in capsys.readouterr().out
+    assert torch.allclose(read_adapter(library / "music").keys, expert_keys(tiny_segment("music"), encoder), atol=1e-6)
+    assert (library / "music" / "adapter_model.safetensors").read_bytes() == weights

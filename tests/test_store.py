@@ -46,7 +46,7 @@ def test_index_round_trip(store, encoder, shapes, library):
     assert records["music"].rank == 8
     assert records["plants"].target_modules == ["o_proj", "q_proj", "v_proj"]
     assert records["german"].base_model == TINY_MODEL_ID
-    assert records["german"].num_keys == 3  # the centroid and two sample queries
+    assert records["german"].num_keys == 1  # a trained expert has one key
 
 
 def test_index_twice_changes_nothing(store, encoder, shapes, library):
@@ -188,5 +188,14 @@ def test_remove_unknown_id_deletes_nothing(store, encoder, shapes, library):
 
 def test_large_add_is_split_into_batches(store, encoder, shapes, library, monkeypatch):
     monkeypatch.setattr(store.client, "get_max_batch_size", lambda: 2)
+    add = store.collection.add
+    sizes = []
+
+    def add_and_count(*args, **kwargs):
+        sizes.append(len(kwargs["ids"]))
+        return add(*args, **kwargs)
+
+    monkeypatch.setattr(store.collection, "add", add_and_count)
     index_folder(library, store, encoder, shapes)
-    assert store.collection.count() == 9
+    assert sizes == [2, 1]  # three adapters of one key each
+    assert store.collection.count() == 3

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from conftest import TINY_MODEL_ID, make_tiny_model, tiny_segment
 from moa.adapters import read_adapter
 from moa.corpus import Example
-from moa.experts import kmeans_segments, label_segments
+from moa.experts import kmeans_segments, label_segments, rekey_library
 from moa.models import BaseModel, ModelSource
-from moa.training import TrainingConfig, collate, encode_pair, expert_is_complete, train_expert
+from moa.training import Segment, TrainingConfig, collate, encode_pair, expert_is_complete, expert_keys, train_expert
 
 
 def fresh_base(tokenizer) -> BaseModel:
@@ -58,13 +58,52 @@ def test_expert_folder_is_standard_peft(tmp_path, tokenizer, encoder):
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     info = read_adapter(folder)
     assert info.domain == "music"
-    assert info.keys.shape == (3, encoder.dim)  # centroid and two sample queries
+    assert info.keys.shape == (1, encoder.dim)  # one key: prompt centroid plus pair centroid
+    assert info.sample_queries and len(info.sample_queries) == 2
     assert info.keys_encoder == encoder.encoder_id
     card = (folder / "README.md").read_text()
     assert "Validation NLL" in card
     assert "Licence of the data: CC0" in card
     assert len((folder / "loss_log.csv").read_text().splitlines()) == 4
     assert not any(name.startswith("lora") for name, _ in base.model.named_modules())  # LoRA layers removed
+
+
+def test_expert_key_sits_between_prompt_and_pair_centroids(encoder):
+    segment = tiny_segment("plants")
+    key = expert_keys(segment, encoder)[0]
+    prompts = torch.nn.functional.normalize(encoder.encode([e.prompt for e in segment.train]).mean(0), dim=0)
+    pairs = torch.nn.functional.normalize(
+        encoder.encode([f"{e.prompt} {e.response}" for e in segment.train]).mean(0), dim=0)
+    assert torch.linalg.vector_norm(key).item() == pytest.approx(1.0, abs=1e-5)
+    assert (key @ prompts).item() == pytest.approx((key @ pairs).item(), abs=1e-5)  # equal angle to both
+    assert (key @ prompts).item() > (pairs @ prompts).item()  # strictly between them
+    with pytest.raises(ValueError, match="no training examples"):
+        expert_keys(Segment("empty", "plants", "", [], []), encoder)
+
+
+def test_rekey_rewrites_only_the_keys(tmp_path, tokenizer, encoder):
+    base = fresh_base(tokenizer)
+    folder = train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(),
+                          encoder).folder
+    wanted = expert_keys(tiny_segment("music"), encoder)
+    (folder / "keys.safetensors").write_bytes(b"")  # a stale key, as from an older design
+    others = {path.name: path.read_bytes() for path in folder.iterdir() if path.name != "keys.safetensors"}
+    rekey_library(encoder, [tiny_segment("music")], tmp_path / "adapters")
+    assert torch.allclose(read_adapter(folder).keys, wanted)
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.name != "keys.safetensors"} == others
+    assert sorted(path.name for path in (tmp_path / "adapters").iterdir()) == ["music"]  # no staging left
+
+
+def test_rekey_with_a_missing_expert_changes_nothing(tmp_path, tokenizer, encoder):
+    base = fresh_base(tokenizer)
+    folder = train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(),
+                          encoder).folder
+    before = (folder / "keys.safetensors").read_bytes()
+    (folder / "keys.safetensors").write_bytes(before[:-1] + bytes([before[-1] ^ 1]))
+    changed = (folder / "keys.safetensors").read_bytes()
+    with pytest.raises(FileNotFoundError, match="german.*No key was changed"):
+        rekey_library(encoder, [tiny_segment("music"), tiny_segment("german")], tmp_path / "adapters")
+    assert (folder / "keys.safetensors").read_bytes() == changed
 
 
 def test_completed_expert_is_skipped(tmp_path, tokenizer, encoder):
