@@ -189,3 +189,17 @@ def test_kmeans_segments_balanced(encoder):
     assert sorted(len(s.train) for s in segments) == [4, 4]
     assert all(s.name.startswith("cluster-") for s in segments)
     assert {s.domain for s in segments} <= {"plants", "music"}
+
+
+def test_key_design_metrics_match_a_hand_count():
+    from moa.key_designs import best_key_scores, rank_metrics
+
+    queries = torch.eye(3)
+    keys = [torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.0]]), torch.tensor([[0.0, 0.9, 0.0]]),
+            torch.tensor([[0.5, 0.0, 0.2]])]
+    scores = best_key_scores(queries, keys)
+    assert torch.equal(scores, torch.tensor([[1.0, 0.0, 0.5], [0.6, 0.9, 0.0], [0.0, 0.0, 0.2]]))
+    metrics = rank_metrics(scores, torch.tensor([0, 0, 1]))  # ranks 1, 2 and 2 (a tie counts for the query)
+    assert metrics["accuracy@1"] == pytest.approx(1 / 3)
+    assert metrics["accuracy@3"] == 1.0
+    assert metrics["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)

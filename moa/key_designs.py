@@ -1,0 +1,126 @@
+"""Compare ways of building an expert's retrieval keys, with the encoder alone (no language model).
+
+Each design turns a segment into one or more key vectors; a query goes to the adapter whose best
+key is most similar, as in the store. Accuracy is measured on the corpus's test split, whose terms
+no expert saw in training, and a few probe questions show single routing decisions.
+
+    python -m moa.key_designs --corpus data/corpus --adapters adapters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import METADATA_FILE
+from .corpus import Example, load_jsonl
+from .encoder import Encoder
+from .experts import LIBRARY_DOMAINS, label_segments, load_splits
+from .training import Segment, expert_keys
+
+KeyDesign = Callable[[Segment, Encoder, list[str]], torch.Tensor]  # (segment, encoder, sample queries) -> (n, dim)
+
+MAX_CENTROID_EXAMPLES = 512
+PROBES = (("What is photosynthesis?", "plants"), ("Translate 'tree' into German.", "german"),
+          ("What is a fjord?", "geography"), ("What is a violin?", "music"), ("What is an enzyme?", "chemistry"))
+
+
+def prompt_centroid(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
+    prompts = [example.prompt for example in segment.train[:MAX_CENTROID_EXAMPLES]]
+    return F.normalize(encoder.encode(prompts).mean(dim=0, keepdim=True), dim=-1)
+
+
+def pair_centroid(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
+    pairs = [f"{example.prompt} {example.response}" for example in segment.train[:MAX_CENTROID_EXAMPLES]]
+    return F.normalize(encoder.encode(pairs).mean(dim=0, keepdim=True), dim=-1)
+
+
+def prompt_centroid_and_samples(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
+    """The design shipped before: the prompt centroid plus each sample prompt as its own key."""
+    return torch.cat([prompt_centroid(segment, encoder, samples), encoder.encode(samples)])
+
+
+def shipped(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
+    return expert_keys(segment, encoder, MAX_CENTROID_EXAMPLES)
+
+
+DESIGNS: dict[str, KeyDesign] = {
+    "prompt centroid + 8 sample prompts (before)": prompt_centroid_and_samples,
+    "prompt centroid": prompt_centroid,
+    "pair centroid": pair_centroid,
+    "prompt centroid + pair centroid (shipped)": shipped,
+}
+
+
+def best_key_scores(queries: torch.Tensor, keys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each query's similarity to each adapter's best key. (n, dim), [(k_i, dim)] -> (n, adapters)."""
+    return torch.stack([(queries @ adapter_keys.T).max(dim=1).values for adapter_keys in keys], dim=1)
+
+
+def rank_metrics(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+    """Accuracy@1, accuracy@3 and MRR of the gold adapter. (n, adapters), (n,) -> metrics."""
+    rank = (scores > scores.gather(1, gold[:, None])).sum(dim=1)  # (n,) 0 is first
+    return {"accuracy@1": (rank == 0).float().mean().item(), "accuracy@3": (rank < 3).float().mean().item(),
+            "mrr": (1.0 / (rank + 1).float()).mean().item()}
+
+
+def compare(corpus_dir: Path, adapters_dir: Path, encoder: Encoder, domains: Sequence[str] = LIBRARY_DOMAINS,
+            designs: dict[str, KeyDesign] = DESIGNS) -> dict:
+    """Score every design on the whole test split of `domains` and on the probe questions."""
+    segments = label_segments(load_splits(corpus_dir), encoder, domains)
+    samples = {segment.name: _sample_queries(adapters_dir / segment.name) for segment in segments}
+    test: list[Example] = [example for example in load_jsonl(Path(corpus_dir) / "test.jsonl")
+                           if example.segment in domains]
+    names = [segment.name for segment in segments]
+    queries = encoder.encode([example.prompt for example in test] + [probe for probe, _ in PROBES])  # (n + p, dim)
+    gold = torch.tensor([names.index(example.segment) for example in test])
+
+    results = {}
+    for design_name, design in designs.items():
+        keys = [design(segment, encoder, samples[segment.name]) for segment in segments]
+        scores = best_key_scores(queries, keys)
+        metrics = rank_metrics(scores[:len(test)], gold)
+        metrics["probes"] = {probe: names[index] for (probe, _), index in
+                             zip(PROBES, scores[len(test):].argmax(dim=1).tolist())}
+        results[design_name] = metrics
+    return {"test_queries": len(test), "domains": list(domains), "designs": results}
+
+
+def _sample_queries(folder: Path) -> list[str]:
+    metadata = folder / METADATA_FILE
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{metadata} is missing; the comparison reads each expert's sample queries from it.")
+    return list(json.loads(metadata.read_text()).get("sample_queries", []))
+
+
+def markdown(report: dict) -> str:
+    lines = ["| keys | accuracy@1 | accuracy@3 | MRR | probes routed right |", "|---|---:|---:|---:|---:|"]
+    for name, metrics in report["designs"].items():
+        right = sum(metrics["probes"][probe] == wanted for probe, wanted in PROBES)
+        lines.append(f"| {name} | {metrics['accuracy@1']:.3f} | {metrics['accuracy@3']:.3f} | {metrics['mrr']:.3f} | "
+                     f"{right} of {len(PROBES)} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus folder from build-corpus")
+    parser.add_argument("--adapters", type=Path, default=Path("adapters"), help="expert folders (for sample queries)")
+    parser.add_argument("--out", type=Path, help="also write every number to this JSON file")
+    args = parser.parse_args(argv)
+    report = compare(args.corpus, args.adapters, Encoder())
+    print(f"{report['test_queries']} test queries\n\n{markdown(report)}")
+    for name, metrics in report["designs"].items():
+        misses = {probe: got for probe, got in metrics["probes"].items() if got != dict(PROBES)[probe]}
+        print(f"{name}: probe misses {misses or 'none'}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
