@@ -634,8 +634,9 @@ def about_markdown(control_help: dict[str, str], merge_methods: dict[str, str],
     methods = "\n".join(f"| `{name}` | {text} |" for name, text in merge_methods.items())
     strategy_rows = "\n".join(f"| `{name}` | {text} |" for name, text in strategies.items())
     return f"""
-1. **Retrieve.** The query is embedded and the adapters whose keys (description and sample-query
-   embeddings) are most similar by cosine similarity are taken from the Chroma store.
+1. **Retrieve.** The query is embedded and the adapters whose keys are most similar by cosine
+   similarity are taken from the Chroma store. A shipped expert's key blends the centroid of its
+   training questions with the centroid of its question-answer pairs.
 2. **Weight and merge.** The similarities become relevance weights, and the adapters' LoRA deltas
    are merged into the base model with those weights.
 3. **Generate and score.** The merged model answers, and every token gets an error in nats:

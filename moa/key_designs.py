@@ -1,10 +1,14 @@
 """Compare ways of building an expert's retrieval keys, with the encoder alone (no language model).
 
-Each design turns a segment into one or more key vectors; a query goes to the adapter whose best
+Each design turns a segment into one or more key vectors. A query goes to the adapter whose best
 key is most similar, as in the store. Accuracy is measured on the corpus's test split, whose terms
 no expert saw in training, and a few probe questions show single routing decisions.
 
-    python -m moa.key_designs --corpus data/corpus --adapters adapters
+With `--teacher` (the cache that `moa train-retriever` writes), each design's top-1 adapter is
+also scored by the language model: the mean reference NLL with that adapter alone, read from the
+cache, over the queries where every design's top-1 is one of the cached candidates.
+
+    python -m moa.key_designs --corpus data/corpus --adapters adapters --teacher runs/retriever/teacher.pt
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def pair_centroid(segment: Segment, encoder: Encoder, samples: list[str]) -> tor
 
 
 def prompt_centroid_and_samples(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
-    """The design shipped before: the prompt centroid plus each sample prompt as its own key."""
+    """Return the design shipped before: the prompt centroid, then each sample prompt as its own key."""
     return torch.cat([prompt_centroid(segment, encoder, samples), encoder.encode(samples)])
 
 
@@ -58,19 +62,19 @@ DESIGNS: dict[str, KeyDesign] = {
 
 
 def best_key_scores(queries: torch.Tensor, keys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Each query's similarity to each adapter's best key. (n, dim), [(k_i, dim)] -> (n, adapters)."""
+    """Return each query's similarity to each adapter's best key. (n, dim), [(k_i, dim)] -> (n, adapters)."""
     return torch.stack([(queries @ adapter_keys.T).max(dim=1).values for adapter_keys in keys], dim=1)
 
 
 def rank_metrics(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
-    """Accuracy@1, accuracy@3 and MRR of the gold adapter. (n, adapters), (n,) -> metrics."""
+    """Return accuracy@1, accuracy@3 and MRR of the gold adapter. (n, adapters), (n,) -> metrics."""
     rank = (scores > scores.gather(1, gold[:, None])).sum(dim=1)  # (n,) 0 is first
     return {"accuracy@1": (rank == 0).float().mean().item(), "accuracy@3": (rank < 3).float().mean().item(),
             "mrr": (1.0 / (rank + 1).float()).mean().item()}
 
 
 def compare(corpus_dir: Path, adapters_dir: Path, encoder: Encoder, domains: Sequence[str] = LIBRARY_DOMAINS,
-            designs: dict[str, KeyDesign] = DESIGNS) -> dict:
+            designs: dict[str, KeyDesign] = DESIGNS, teacher_cache: Path | None = None) -> dict:
     """Score every design on the whole test split of `domains` and on the probe questions."""
     segments = label_segments(load_splits(corpus_dir), encoder, domains)
     samples = {segment.name: _sample_queries(adapters_dir / segment.name) for segment in segments}
@@ -80,15 +84,35 @@ def compare(corpus_dir: Path, adapters_dir: Path, encoder: Encoder, domains: Seq
     queries = encoder.encode([example.prompt for example in test] + [probe for probe, _ in PROBES])  # (n + p, dim)
     gold = torch.tensor([names.index(example.segment) for example in test])
 
-    results = {}
+    results, keys_by_design = {}, {}
     for design_name, design in designs.items():
-        keys = [design(segment, encoder, samples[segment.name]) for segment in segments]
+        keys = keys_by_design[design_name] = [design(segment, encoder, samples[segment.name]) for segment in segments]
         scores = best_key_scores(queries, keys)
         metrics = rank_metrics(scores[:len(test)], gold)
         metrics["probes"] = {probe: names[index] for (probe, _), index in
                              zip(PROBES, scores[len(test):].argmax(dim=1).tolist())}
         results[design_name] = metrics
-    return {"test_queries": len(test), "domains": list(domains), "designs": results}
+    report = {"test_queries": len(test), "domains": list(domains), "designs": results}
+    if teacher_cache is not None:
+        report["teacher"] = teacher_nll(teacher_cache, keys_by_design, names)
+    return report
+
+
+def teacher_nll(teacher_cache: Path, keys_by_design: dict[str, list[torch.Tensor]], names: list[str]) -> dict:
+    """Score each design's top-1 adapter by its cached NLL alone, on the queries every design can be scored on."""
+    rows = torch.load(teacher_cache, weights_only=False)["examples"]
+    queries = F.normalize(torch.stack([row["embedding"].float() for row in rows]), dim=-1)  # (n, dim)
+    gold = [row["domain"] for row in rows]
+    top = {design: [names[i] for i in best_key_scores(queries, keys).argmax(dim=1).tolist()]
+           for design, keys in keys_by_design.items()}
+    scored = [i for i, row in enumerate(rows) if all(top[design][i] in row["candidates"] for design in top)]
+
+    results = {}
+    for design, chosen in top.items():
+        nll = [float(rows[i]["nll_alone"][rows[i]["candidates"].index(chosen[i])]) for i in scored]
+        results[design] = {"accuracy@1": sum(c == g for c, g in zip(chosen, gold)) / len(rows),
+                           "top1_nll_alone": sum(nll) / len(nll)}
+    return {"queries": len(rows), "scored": len(scored), "designs": results}
 
 
 def _sample_queries(folder: Path) -> list[str]:
@@ -104,6 +128,12 @@ def markdown(report: dict) -> str:
         right = sum(metrics["probes"][probe] == wanted for probe, wanted in PROBES)
         lines.append(f"| {name} | {metrics['accuracy@1']:.3f} | {metrics['accuracy@3']:.3f} | {metrics['mrr']:.3f} | "
                      f"{right} of {len(PROBES)} |")
+    if "teacher" in report:
+        teacher = report["teacher"]
+        lines += ["", f"Teacher-scored queries: {teacher['queries']}, {teacher['scored']} with every top-1 a candidate.", "",
+                  "| keys | accuracy@1 | NLL with the top-1 adapter alone |", "|---|---:|---:|"]
+        lines += [f"| {name} | {metrics['accuracy@1']:.3f} | {metrics['top1_nll_alone']:.3f} |"
+                  for name, metrics in teacher["designs"].items()]
     return "\n".join(lines)
 
 
@@ -111,9 +141,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus folder from build-corpus")
     parser.add_argument("--adapters", type=Path, default=Path("adapters"), help="expert folders (for sample queries)")
+    parser.add_argument("--teacher", type=Path, help="teacher cache of `moa train-retriever`, for the LM check")
     parser.add_argument("--out", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
-    report = compare(args.corpus, args.adapters, Encoder())
+    if args.teacher is not None and not args.teacher.is_file():
+        parser.error(f"--teacher {args.teacher}: file not found; `moa train-retriever` writes runs/retriever/teacher.pt.")
+    report = compare(args.corpus, args.adapters, Encoder(), teacher_cache=args.teacher)
     print(f"{report['test_queries']} test queries\n\n{markdown(report)}")
     for name, metrics in report["designs"].items():
         misses = {probe: got for probe, got in metrics["probes"].items() if got != dict(PROBES)[probe]}

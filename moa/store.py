@@ -1,8 +1,9 @@
 """The adapter store: one Chroma collection of adapter keys per (base model, encoder) pair.
 
-Each adapter has one or more key vectors (a description embedding, sample-query embeddings, a
-centroid), stored as records `<adapter id>#<n>` that all carry the adapter's metadata. A query
-returns adapters, not records: similarities are aggregated per adapter by their maximum.
+Each adapter has one or more key vectors, stored as records `<adapter id>#<n>` that all carry
+the adapter's metadata. A trained expert has one key (see `moa.training`); an adapter without
+precomputed keys gets its description and sample queries embedded. A query returns adapters,
+not records: similarities are aggregated per adapter by their maximum.
 Relevance is cosine similarity, 1 − cosine distance clamped to [−1, 1].
 """
 

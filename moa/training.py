@@ -240,7 +240,7 @@ def sample_queries(segment: Segment, count: int, seed: int) -> list[str]:
 
 
 def expert_keys(segment: Segment, encoder: Encoder, max_examples: int = 512) -> torch.Tensor:
-    """The expert's key: the normalised sum of its prompt centroid and its pair centroid. -> (1, dim)."""
+    """Return the expert's key, the normalised sum of its prompt centroid and pair centroid. -> (1, dim)."""
     examples = segment.train[:max_examples]
     if not examples:
         raise ValueError(f"Segment {segment.name!r} has no training examples to compute its key from.")

@@ -68,7 +68,7 @@ def test_expert_folder_is_standard_peft(tmp_path, tokenizer, encoder):
     assert not any(name.startswith("lora") for name, _ in base.model.named_modules())  # LoRA layers removed
 
 
-def test_expert_key_sits_between_prompt_and_pair_centroids(encoder):
+def test_expert_key_between_both_centroids(encoder):
     segment = tiny_segment("plants")
     key = expert_keys(segment, encoder)[0]
     prompts = torch.nn.functional.normalize(encoder.encode([e.prompt for e in segment.train]).mean(0), dim=0)
@@ -85,11 +85,11 @@ def test_rekey_rewrites_only_the_keys(tmp_path, tokenizer, encoder):
     base = fresh_base(tokenizer)
     folder = train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(),
                           encoder).folder
-    wanted = expert_keys(tiny_segment("music"), encoder)
+    expected = expert_keys(tiny_segment("music"), encoder)
     (folder / "keys.safetensors").write_bytes(b"")  # a stale key, as from an older design
     others = {path.name: path.read_bytes() for path in folder.iterdir() if path.name != "keys.safetensors"}
     rekey_library(encoder, [tiny_segment("music")], tmp_path / "adapters")
-    assert torch.allclose(read_adapter(folder).keys, wanted)
+    assert torch.allclose(read_adapter(folder).keys, expected)
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.name != "keys.safetensors"} == others
     assert sorted(path.name for path in (tmp_path / "adapters").iterdir()) == ["music"]  # no staging left
 
@@ -203,3 +203,24 @@ def test_key_design_metrics_match_a_hand_count():
     assert metrics["accuracy@1"] == pytest.approx(1 / 3)
     assert metrics["accuracy@3"] == 1.0
     assert metrics["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+
+
+def test_teacher_nll_reads_cached_scores(tmp_path):
+    from moa.key_designs import teacher_nll
+
+    rows = [dict(query="q0", domain="a", embedding=torch.tensor([1.0, 0.0]), candidates=["a", "b"],
+                 nll_alone=torch.tensor([1.0, 3.0])),
+            dict(query="q1", domain="b", embedding=torch.tensor([0.0, 1.0]), candidates=["a", "b"],
+                 nll_alone=torch.tensor([2.0, 4.0])),
+            dict(query="q2", domain="b", embedding=torch.tensor([0.0, 1.0]), candidates=["a"],
+                 nll_alone=torch.tensor([5.0]))]
+    torch.save({"signature": {}, "examples": rows}, tmp_path / "teacher.pt")
+    by_axis = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]  # q0 -> a, q1 and q2 -> b
+    always_a = [torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, -1.0]])]
+    report = teacher_nll(tmp_path / "teacher.pt", {"axis": by_axis, "always a": always_a}, ["a", "b"])
+    assert report["queries"] == 3
+    assert report["scored"] == 2  # q2's top-1 under "axis" is b, which is not a cached candidate
+    assert report["designs"]["axis"]["accuracy@1"] == pytest.approx(1.0)
+    assert report["designs"]["axis"]["top1_nll_alone"] == pytest.approx((1.0 + 4.0) / 2)
+    assert report["designs"]["always a"]["accuracy@1"] == pytest.approx(1 / 3)
+    assert report["designs"]["always a"]["top1_nll_alone"] == pytest.approx((1.0 + 2.0) / 2)
