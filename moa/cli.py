@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Linear modules that get a LoRA")
     experts.add_argument("--keys-only", action="store_true",
                          help="recompute the retrieval keys of experts already trained (after a change of encoder "
-                              "or key design), without training; run `moa index` afterwards")
+                              "or key design) from the corpus they were trained on, without training or loading the "
+                              "base model; the training options are ignored. Run `moa index` afterwards")
     _add_global_options(experts)
 
     report = commands.add_parser("library-report", help="measure the library's adapter x domain NLL matrix and routing")
@@ -329,10 +330,12 @@ def run_train_experts(args: argparse.Namespace) -> None:
     if args.keys_only:
         try:
             folders = rekey_library(encoder, segments, Path(args.out))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             raise CommandError(str(error)) from None
         for folder in folders:
             print(f"{folder.name:<24} key rewritten")
+        print(f"Next: `moa index {args.out}` registers the new keys; a trained retriever head was fitted to the old "
+              "ones, so run `moa train-retriever` again or query with --untrained.")
         return
     results = train_library(base, encoder, segments, Path(args.out), Path(args.runs), training)
     for result in results:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import defaultdict
@@ -13,7 +14,8 @@ import torch
 from .corpus import Example, load_jsonl, source_licence
 from .encoder import Encoder
 from .models import BaseModel
-from .training import ExpertResult, Segment, TrainingConfig, expert_is_complete, rewrite_keys, train_expert
+from .adapters import METADATA_FILE
+from .training import ExpertResult, Segment, TrainingConfig, expert_is_complete, expert_keys, train_expert, write_keys
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +131,41 @@ def train_library(base: BaseModel, encoder: Encoder, segments: Sequence[Segment]
     return results
 
 
+class RekeyError(ValueError):
+    """An expert folder does not match its segment, or a key could not be computed; no key was changed."""
+
+
+def check_trained_on(folder: Path, segment: Segment) -> None:
+    """Raise `RekeyError` unless `folder` holds the expert that `moa train-experts` trained on `segment`."""
+    metadata = json.loads((folder / METADATA_FILE).read_text())
+    expected = {"name": segment.name, "domain": segment.domain, "segment_size": len(segment.train)}
+    found = {field: metadata.get(field) for field in expected}
+    if found != expected:
+        raise RekeyError(f"{folder} was not trained on this segment of the corpus: its moa.json has {found}, the "
+                         f"segment has {expected}. Rekey it with the corpus and --segments it was trained with, or "
+                         "retrain it (`moa train-experts` without --keys-only).")
+
+
 def rekey_library(encoder: Encoder, segments: Sequence[Segment], adapters_dir: Path) -> list[Path]:
     """Recompute the key of every segment's trained expert, after a change of key design or encoder.
 
-    Every expert folder is checked before the first key is written, so a missing expert changes nothing.
+    Every folder is checked and every key computed before the first key is written, so a missing or
+    foreign expert changes nothing.
     """
     folders = [Path(adapters_dir) / segment.name for segment in segments]
-    missing = [folder.name for folder in folders if not expert_is_complete(folder)]
+    missing = [folder.name for folder in folders if not folder.is_dir()]
     if missing:
         raise FileNotFoundError(f"No trained expert for {', '.join(missing)} in {adapters_dir}; train them first "
                                 "(`moa train-experts` without --keys-only). No key was changed.")
     for segment, folder in zip(segments, folders):
-        rewrite_keys(folder, segment, encoder)
+        if not expert_is_complete(folder):
+            raise RekeyError(f"{folder} is not a complete expert folder (adapter_config.json, adapter_model.safetensors, "
+                             "moa.json and keys.safetensors); an imported adapter gets its keys from `moa index`. "
+                             "No key was changed.")
+        check_trained_on(folder, segment)
+
+    keys = [expert_keys(segment, encoder) for segment in segments]
+    for segment, folder, key in zip(segments, folders, keys):
+        write_keys(folder, key, encoder.encoder_id)
         logger.info("Rewrote the key of %s", segment.name)
     return folders

@@ -1,4 +1,4 @@
-"""Compare ways of building an expert's retrieval keys, with the encoder alone (no language model).
+"""Compare ways of building an expert's retrieval keys by routing accuracy, and by cached LM scores.
 
 Each design turns a segment into one or more key vectors. A query goes to the adapter whose best
 key is most similar, as in the store. Accuracy is measured on the corpus's test split, whose terms
@@ -99,13 +99,18 @@ def compare(corpus_dir: Path, adapters_dir: Path, encoder: Encoder, domains: Seq
 
 
 def teacher_nll(teacher_cache: Path, keys_by_design: dict[str, list[torch.Tensor]], names: list[str]) -> dict:
-    """Score each design's top-1 adapter by its cached NLL alone, on the queries every design can be scored on."""
+    """Score each design's top-1 adapter by its cached NLL alone, on the queries every design can be scored on.
+
+    Accuracy@1 counts every cached query; the NLL counts only those where each design's top-1 is a candidate.
+    """
     rows = torch.load(teacher_cache, weights_only=False)["examples"]
     queries = F.normalize(torch.stack([row["embedding"].float() for row in rows]), dim=-1)  # (n, dim)
     gold = [row["domain"] for row in rows]
     top = {design: [names[i] for i in best_key_scores(queries, keys).argmax(dim=1).tolist()]
            for design, keys in keys_by_design.items()}
     scored = [i for i, row in enumerate(rows) if all(top[design][i] in row["candidates"] for design in top)]
+    if not scored:
+        raise ValueError(f"No query in {teacher_cache} has every design's top-1 adapter among its candidates.")
 
     results = {}
     for design, chosen in top.items():

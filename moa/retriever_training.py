@@ -497,7 +497,8 @@ def train_retriever(engine, train: Sequence, validation: Sequence, test: Sequenc
             trial = replace(settings, variant=variant, retriever_temperature=temperature)
             head, curve = train_head(training, table, domain_of, engine.encoder.encoder_id, trial, held_out)
             accuracy = curve.validation_accuracy[curve.best_epoch - 1]
-            grid.append({"variant": variant, "retriever_temperature": temperature, "best_epoch": curve.best_epoch,
+            used = temperature if variant != "supervised" else None  # the supervised loss has its own temperature
+            grid.append({"variant": variant, "retriever_temperature": used, "best_epoch": curve.best_epoch,
                          "validation_acc@1": accuracy})
             if best is None or accuracy > best[0]:
                 best = (accuracy, head, curve)

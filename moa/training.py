@@ -5,9 +5,9 @@ card `README.md`, `moa.json` (name, domain, description, sample queries, validat
 `keys.safetensors` (the expert's key, embedded by the retriever's encoder), so `moa index`
 registers it without recomputing anything.
 
-The key is one vector, the mean of two unit centroids over the segment's training pairs: of the
-prompts alone (how the expert's questions are asked) and of prompt and response together (what the
-expert answers). The answers name the domain where the question does not: "What is
+The key is one vector, the normalised sum of two unit centroids over the segment's first training
+pairs: of the prompts alone (how the expert's questions are asked) and of prompt and response
+together (what the expert answers). The answers name the domain where the question does not: "What is
 photosynthesis?" says nothing about plants, its gloss does.
 """
 
@@ -250,19 +250,15 @@ def expert_keys(segment: Segment, encoder: Encoder, max_examples: int = 512) -> 
     return torch.nn.functional.normalize(key, dim=0).unsqueeze(0)
 
 
-def rewrite_keys(folder: Path, segment: Segment, encoder: Encoder) -> None:
-    """Recompute a trained expert's key in place; the other files are left as they are.
+def write_keys(folder: Path, keys: torch.Tensor, encoder_id: str) -> None:
+    """Replace an expert's keys file; the other files are left as they are.
 
     The new file is written next to the folder and moved over the old one in one rename, so a stop
     half-way leaves the old key.
     """
-    if not expert_is_complete(folder):
-        raise FileNotFoundError(f"No trained expert in {folder}; train it first (`moa train-experts` without "
-                                "--keys-only).")
-    keys = expert_keys(segment, encoder)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.keys.", dir=folder.parent))
     try:
-        save_keys(staging, keys, encoder.encoder_id)
+        save_keys(staging, keys, encoder_id)
         (staging / KEYS_FILE).chmod(0o644)
         os.replace(staging / KEYS_FILE, folder / KEYS_FILE)
     finally:

@@ -121,7 +121,7 @@ def test_keys_only_needs_trained_experts(cli_env, tmp_path, capsys):
     assert "No trained expert for music" in capsys.readouterr().err
 
 
-def test_keys_only_rewrites_the_key(cli_env, tmp_path, tiny_library, encoder, capsys):
+def test_keys_only_rewrites_the_key(cli_env, tmp_path, tiny_library, encoder, capsys, monkeypatch):
     from conftest import copy_adapter, tiny_segment
     from moa.adapters import read_adapter
     from moa.training import expert_keys
@@ -133,7 +133,13 @@ def test_keys_only_rewrites_the_key(cli_env, tmp_path, tiny_library, encoder, ca
     weights = (library / "music" / "adapter_model.safetensors").read_bytes()
     argv = ["train-experts", "--keys-only", "--corpus", str(tmp_path / "corpus"), "--domains", "music",
             "--out", str(library)]
+    def no_base_model(*args, **kwargs):
+        raise AssertionError("--keys-only loaded the base model")
+
+    monkeypatch.setattr("moa.models.load_base_model", no_base_model)
     assert main(argv) == 0
-    assert "music" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "music" in output
+    assert "moa index" in output
     assert torch.allclose(read_adapter(library / "music").keys, expert_keys(tiny_segment("music"), encoder), atol=1e-6)
     assert (library / "music" / "adapter_model.safetensors").read_bytes() == weights

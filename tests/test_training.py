@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import TINY_MODEL_ID, make_tiny_model, tiny_segment
 from moa.adapters import read_adapter
 from moa.corpus import Example
-from moa.experts import kmeans_segments, label_segments, rekey_library
+from moa.experts import RekeyError, kmeans_segments, label_segments, rekey_library
 from moa.models import BaseModel, ModelSource
 from moa.training import Segment, TrainingConfig, collate, encode_pair, expert_is_complete, expert_keys, train_expert
 
@@ -189,6 +189,27 @@ def test_kmeans_segments_balanced(encoder):
     assert sorted(len(s.train) for s in segments) == [4, 4]
     assert all(s.name.startswith("cluster-") for s in segments)
     assert {s.domain for s in segments} <= {"plants", "music"}
+
+
+def test_rekey_rejects_a_foreign_expert(tmp_path, tokenizer, encoder):
+    base = fresh_base(tokenizer)
+    folder = train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(),
+                          encoder).folder
+    keys = (folder / "keys.safetensors").read_bytes()
+    folder.rename(tmp_path / "adapters" / "german")  # the music expert where the german one should be
+    with pytest.raises(RekeyError, match="not trained on this segment.*'name': 'music'"):
+        rekey_library(encoder, [tiny_segment("german")], tmp_path / "adapters")
+    assert (tmp_path / "adapters" / "german" / "keys.safetensors").read_bytes() == keys
+
+
+def test_rekey_rejects_an_imported_folder(tmp_path, tokenizer, encoder):
+    base = fresh_base(tokenizer)
+    folder = train_expert(base, tiny_segment("music"), tmp_path / "adapters", tmp_path / "runs", small_config(),
+                          encoder).folder
+    (folder / "keys.safetensors").unlink()  # as `moa import` leaves a plain PEFT folder
+    with pytest.raises(RekeyError, match="not a complete expert folder.*moa index"):
+        rekey_library(encoder, [tiny_segment("music")], tmp_path / "adapters")
+    assert not (folder / "keys.safetensors").exists()
 
 
 def test_key_design_metrics_match_a_hand_count():
