@@ -136,7 +136,7 @@ class RekeyError(ValueError):
 
 
 def check_trained_on(folder: Path, segment: Segment) -> None:
-    """Raise `RekeyError` unless `folder` holds the expert that `moa train-experts` trained on `segment`."""
+    """Raise `RekeyError` unless `folder` contains the expert that `moa train-experts` trained on `segment`."""
     metadata = json.loads((folder / METADATA_FILE).read_text())
     expected = {"name": segment.name, "domain": segment.domain, "segment_size": len(segment.train)}
     found = {field: metadata.get(field) for field in expected}

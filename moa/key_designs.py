@@ -5,8 +5,8 @@ key is most similar, as in the store. Accuracy is measured on the corpus's test 
 no expert saw in training, and a few probe questions show single routing decisions.
 
 With `--teacher` (the cache that `moa train-retriever` writes), each design's top-1 adapter is
-also scored by the language model: the mean reference NLL with that adapter alone, read from the
-cache, over the queries where every design's top-1 is one of the cached candidates.
+also scored by the language model. The score is the mean reference NLL with that adapter alone,
+read from the cache. It covers the queries where every design's top-1 is a cached candidate.
 
     python -m moa.key_designs --corpus data/corpus --adapters adapters --teacher runs/retriever/teacher.pt
 """
