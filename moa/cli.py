@@ -334,8 +334,8 @@ def run_train_experts(args: argparse.Namespace) -> None:
             raise CommandError(str(error)) from None
         for folder in folders:
             print(f"{folder.name:<24} key rewritten")
-        print(f"Next: `moa index {args.out}` registers the new keys; a trained retriever head was fitted to the old "
-              "ones, so run `moa train-retriever` again or query with --untrained.")
+        print(f"Next: `moa index {args.out}` registers the keys. If they changed, a trained retriever head no longer "
+              "fits them, so run `moa train-retriever` again or query with --untrained.")
         return
     results = train_library(base, encoder, segments, Path(args.out), Path(args.runs), training)
     for result in results:

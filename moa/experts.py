@@ -132,12 +132,16 @@ def train_library(base: BaseModel, encoder: Encoder, segments: Sequence[Segment]
 
 
 class RekeyError(ValueError):
-    """An expert folder does not match its segment, or a key could not be computed; no key was changed."""
+    """Error raised when an expert folder does not match its segment. No key is written."""
 
 
 def check_trained_on(folder: Path, segment: Segment) -> None:
     """Raise `RekeyError` unless `folder` contains the expert that `moa train-experts` trained on `segment`."""
-    metadata = json.loads((folder / METADATA_FILE).read_text())
+    try:
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise RekeyError(f"{folder / METADATA_FILE} is not valid JSON ({error}); retrain the expert "
+                         "(`moa train-experts` without --keys-only).") from error
     expected = {"name": segment.name, "domain": segment.domain, "segment_size": len(segment.train)}
     found = {field: metadata.get(field) for field in expected}
     if found != expected:

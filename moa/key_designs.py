@@ -1,4 +1,4 @@
-"""Compare ways of building an expert's retrieval keys by routing accuracy, and by cached LM scores.
+"""Compare ways of building an expert's retrieval keys, by routing accuracy and by cached LM scores.
 
 Each design turns a segment into one or more key vectors. A query goes to the adapter whose best
 key is most similar, as in the store. Accuracy is measured on the corpus's test split, whose terms
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,41 +25,43 @@ import torch.nn.functional as F
 from .adapters import METADATA_FILE
 from .corpus import Example, load_jsonl
 from .encoder import Encoder
-from .experts import LIBRARY_DOMAINS, label_segments, load_splits
-from .training import Segment, expert_keys
+from .experts import LIBRARY_DOMAINS, load_splits
+from .training import KEY_EXAMPLES, blend_centroids, key_centroids
 
-KeyDesign = Callable[[Segment, Encoder, list[str]], torch.Tensor]  # (segment, encoder, sample queries) -> (n, dim)
-
-MAX_CENTROID_EXAMPLES = 512
 PROBES = (("What is photosynthesis?", "plants"), ("Translate 'tree' into German.", "german"),
           ("What is a fjord?", "geography"), ("What is a violin?", "music"), ("What is an enzyme?", "chemistry"))
 
 
-def prompt_centroid(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
-    prompts = [example.prompt for example in segment.train[:MAX_CENTROID_EXAMPLES]]
-    return F.normalize(encoder.encode(prompts).mean(dim=0, keepdim=True), dim=-1)
+@dataclass
+class SegmentEmbeddings:
+    """One segment's embeddings, computed once and shared by every design."""
+
+    prompt_centroid: torch.Tensor  # (dim,) unit centroid of the first training prompts
+    pair_centroid: torch.Tensor  # (dim,) unit centroid of the same pairs, prompt and response together
+    samples: torch.Tensor  # (n, dim) the sample prompts listed in moa.json
 
 
-def pair_centroid(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
-    pairs = [f"{example.prompt} {example.response}" for example in segment.train[:MAX_CENTROID_EXAMPLES]]
-    return F.normalize(encoder.encode(pairs).mean(dim=0, keepdim=True), dim=-1)
+KeyDesign = Callable[[SegmentEmbeddings], torch.Tensor]  # -> (num_keys, dim)
 
 
-def prompt_centroid_and_samples(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
+def prompt_centroid_and_samples(embeddings: SegmentEmbeddings) -> torch.Tensor:
     """Return the design shipped before: the prompt centroid, then each sample prompt as its own key."""
-    return torch.cat([prompt_centroid(segment, encoder, samples), encoder.encode(samples)])
-
-
-def shipped(segment: Segment, encoder: Encoder, samples: list[str]) -> torch.Tensor:
-    return expert_keys(segment, encoder, MAX_CENTROID_EXAMPLES)
+    return torch.cat([embeddings.prompt_centroid.unsqueeze(0), embeddings.samples])
 
 
 DESIGNS: dict[str, KeyDesign] = {
     "prompt centroid + 8 sample prompts (before)": prompt_centroid_and_samples,
-    "prompt centroid": prompt_centroid,
-    "pair centroid": pair_centroid,
-    "prompt centroid + pair centroid (shipped)": shipped,
+    "prompt centroid": lambda embeddings: embeddings.prompt_centroid.unsqueeze(0),
+    "pair centroid": lambda embeddings: embeddings.pair_centroid.unsqueeze(0),
+    "prompt centroid + pair centroid (shipped)": lambda embeddings: blend_centroids(embeddings.prompt_centroid,
+                                                                                    embeddings.pair_centroid),
 }
+
+
+def segment_embeddings(train: Sequence[Example], adapter_folder: Path, encoder: Encoder) -> SegmentEmbeddings:
+    """Embed a segment's first training pairs and its expert's sample prompts."""
+    prompt_centroid, pair_centroid = key_centroids(train[:KEY_EXAMPLES], encoder)
+    return SegmentEmbeddings(prompt_centroid, pair_centroid, encoder.encode(_sample_queries(adapter_folder)))
 
 
 def best_key_scores(queries: torch.Tensor, keys: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -76,23 +79,26 @@ def rank_metrics(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
 def compare(corpus_dir: Path, adapters_dir: Path, encoder: Encoder, domains: Sequence[str] = LIBRARY_DOMAINS,
             designs: dict[str, KeyDesign] = DESIGNS, teacher_cache: Path | None = None) -> dict:
     """Score every design on the whole test split of `domains` and on the probe questions."""
-    segments = label_segments(load_splits(corpus_dir), encoder, domains)
-    samples = {segment.name: _sample_queries(adapters_dir / segment.name) for segment in segments}
-    test: list[Example] = [example for example in load_jsonl(Path(corpus_dir) / "test.jsonl")
-                           if example.segment in domains]
-    names = [segment.name for segment in segments]
+    names = list(domains)
+    train = load_splits(corpus_dir)["train"]
+    by_name = {name: [example for example in train if example.segment == name] for name in names}
+    empty = [name for name, examples in by_name.items() if not examples]
+    if empty:
+        raise ValueError(f"No training pairs labelled {', '.join(empty)} in {corpus_dir}; pass domains the corpus has.")
+    embeddings = [segment_embeddings(by_name[name], adapters_dir / name, encoder) for name in names]
+    test = [example for example in load_jsonl(Path(corpus_dir) / "test.jsonl") if example.segment in names]
     queries = encoder.encode([example.prompt for example in test] + [probe for probe, _ in PROBES])  # (n + p, dim)
     gold = torch.tensor([names.index(example.segment) for example in test])
 
     results, keys_by_design = {}, {}
     for design_name, design in designs.items():
-        keys = keys_by_design[design_name] = [design(segment, encoder, samples[segment.name]) for segment in segments]
+        keys = keys_by_design[design_name] = [design(segment) for segment in embeddings]
         scores = best_key_scores(queries, keys)
         metrics = rank_metrics(scores[:len(test)], gold)
         metrics["probes"] = {probe: names[index] for (probe, _), index in
                              zip(PROBES, scores[len(test):].argmax(dim=1).tolist())}
         results[design_name] = metrics
-    report = {"test_queries": len(test), "domains": list(domains), "designs": results}
+    report = {"test_queries": len(test), "domains": names, "designs": results}
     if teacher_cache is not None:
         report["teacher"] = teacher_nll(teacher_cache, keys_by_design, names)
     return report
@@ -123,7 +129,8 @@ def teacher_nll(teacher_cache: Path, keys_by_design: dict[str, list[torch.Tensor
 def _sample_queries(folder: Path) -> list[str]:
     metadata = folder / METADATA_FILE
     if not metadata.is_file():
-        raise FileNotFoundError(f"{metadata} is missing; the comparison reads each expert's sample queries from it.")
+        raise FileNotFoundError(f"{metadata} is missing; the comparison reads each expert's sample queries from it. "
+                                "Pass the trained library with --adapters.")
     return list(json.loads(metadata.read_text()).get("sample_queries", []))
 
 
@@ -151,7 +158,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.teacher is not None and not args.teacher.is_file():
         parser.error(f"--teacher {args.teacher}: file not found; `moa train-retriever` writes runs/retriever/teacher.pt.")
-    report = compare(args.corpus, args.adapters, Encoder(), teacher_cache=args.teacher)
+    try:
+        report = compare(args.corpus, args.adapters, Encoder(), teacher_cache=args.teacher)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"{report['test_queries']} test queries\n\n{markdown(report)}")
     for name, metrics in report["designs"].items():
         misses = {probe: got for probe, got in metrics["probes"].items() if got != dict(PROBES)[probe]}

@@ -5,10 +5,10 @@ card `README.md`, `moa.json` (name, domain, description, sample queries, validat
 `keys.safetensors` (the expert's key, embedded by the retriever's encoder), so `moa index`
 registers it without recomputing anything.
 
-The key is one vector, the normalised sum of two unit centroids over the segment's first training
-pairs: of the prompts alone (how the expert's questions are asked) and of prompt and response
-together (what the expert answers). The answers name the domain where the question does not: "What is
-photosynthesis?" says nothing about plants, its gloss does.
+The key is one vector, the normalised sum of two unit centroids over the segment's first 512
+training pairs: one of the prompts alone (how the expert's questions are asked) and one of prompt
+and response together (what the expert answers). The answers name the domain where the question
+does not: "What is photosynthesis?" does not mention plants, but its gloss does.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .models import BaseModel
 logger = logging.getLogger(__name__)
 
 LOSS_LOG_FILE = "loss_log.csv"
+KEY_EXAMPLES = 512  # training pairs, in corpus order, that build an expert's key
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -233,25 +234,34 @@ def _save_checkpoint(path: Path, peft_model, optimizer, step: int) -> None:
 
 
 def sample_queries(segment: Segment, count: int, seed: int) -> list[str]:
-    """Pick distinct training prompts of the segment as retrieval keys."""
+    """Pick distinct training prompts of the segment, listed in `moa.json` as examples."""
     prompts = sorted({example.prompt for example in segment.train})
     random.Random(seed).shuffle(prompts)
     return prompts[:count]
 
 
-def expert_keys(segment: Segment, encoder: Encoder, max_examples: int = 512) -> torch.Tensor:
-    """Return the expert's key, the normalised sum of its prompt centroid and pair centroid. -> (1, dim)."""
+def key_centroids(examples: Sequence, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the unit centroids of the examples' prompts and of their prompt-response pairs. -> (dim,), (dim,)."""
+    prompts = encoder.encode([example.prompt for example in examples]).mean(dim=0)
+    pairs = encoder.encode([f"{example.prompt} {example.response}" for example in examples]).mean(dim=0)
+    return torch.nn.functional.normalize(prompts, dim=0), torch.nn.functional.normalize(pairs, dim=0)
+
+
+def blend_centroids(prompt_centroid: torch.Tensor, pair_centroid: torch.Tensor) -> torch.Tensor:
+    """Return the unit vector halfway between two unit centroids, as a one-key matrix. (dim,), (dim,) -> (1, dim)."""
+    return torch.nn.functional.normalize(prompt_centroid + pair_centroid, dim=0).unsqueeze(0)
+
+
+def expert_keys(segment: Segment, encoder: Encoder, max_examples: int = KEY_EXAMPLES) -> torch.Tensor:
+    """Return the expert's key, blended from its prompt centroid and pair centroid. -> (1, dim)."""
     examples = segment.train[:max_examples]
     if not examples:
         raise ValueError(f"Segment {segment.name!r} has no training examples to compute its key from.")
-    prompts = encoder.encode([example.prompt for example in examples]).mean(dim=0)
-    pairs = encoder.encode([f"{example.prompt} {example.response}" for example in examples]).mean(dim=0)
-    key = torch.nn.functional.normalize(prompts, dim=0) + torch.nn.functional.normalize(pairs, dim=0)
-    return torch.nn.functional.normalize(key, dim=0).unsqueeze(0)
+    return blend_centroids(*key_centroids(examples, encoder))
 
 
 def write_keys(folder: Path, keys: torch.Tensor, encoder_id: str) -> None:
-    """Replace an expert's keys file; the other files are left as they are.
+    """Replace an expert's keys file and leave its other files as they are.
 
     The new file is written next to the folder and moved over the old one in one rename, so a stop
     half-way leaves the old key.
